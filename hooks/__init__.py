@@ -1,0 +1,1 @@
+"""The libvirt hook script ``qemu``, shipped as package data for ``pagefusion install``."""

@@ -1,0 +1,169 @@
+"""The page-fusion element that a libvirt domain carries in its ``<metadata>``.
+
+    <metadata>
+      <pagefusion:page-fusion xmlns:pagefusion="http://pagefusion.org/xmlns/libvirt/page-fusion/1"
+                              state="on" group="lab"/>
+    </metadata>
+
+``state`` is ``on`` or ``off``; ``group`` names the set of domains that may be
+fused with each other. A domain without the element has page fusion off.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import logging
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+
+from pagefusion.errors import ElementError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "http://pagefusion.org/xmlns/libvirt/page-fusion/1"
+PREFIX = "pagefusion"
+LOCAL_NAME = "page-fusion"
+TAG = f"{{{NAMESPACE}}}{LOCAL_NAME}"
+
+GROUP_MAX_CHARS = 64
+GROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DEFAULT_GROUP = "default"
+
+
+@functools.cache
+def _schema() -> etree.RelaxNG:
+    text = importlib.resources.files("pagefusion.schema").joinpath("page-fusion.rng").read_bytes()
+    return etree.RelaxNG(etree.fromstring(text))
+
+
+def check_group(group: str) -> str:
+    """Return ``group`` if it is a valid group name, else raise ElementError."""
+    if not GROUP_PATTERN.fullmatch(group):
+        shown = group if len(group) <= GROUP_MAX_CHARS else group[:GROUP_MAX_CHARS] + "..."
+        raise ElementError(
+            f"invalid page-fusion group {shown!r}: use 1 to {GROUP_MAX_CHARS} characters"
+            " of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return group
+
+
+@dataclass(frozen=True)
+class PageFusion:
+    """The value of one domain's page-fusion element."""
+
+    enabled: bool = False
+    group: str | None = None
+
+    @property
+    def state(self) -> str:
+        return "on" if self.enabled else "off"
+
+    @property
+    def effective_group(self) -> str:
+        """The group a running domain is fused in; domains without one share a group."""
+        return self.group or DEFAULT_GROUP
+
+    def describe(self) -> str:
+        """Short text for messages: ``on (group 'lab')``, ``off``."""
+        if self.group:
+            return f"{self.state} (group {self.group!r})"
+        return self.state
+
+    @classmethod
+    def from_element(cls, element: etree._Element, *, domain: str = "?") -> PageFusion:
+        """Build the value from a ``<pagefusion:page-fusion>`` element, validating it."""
+        state = element.get("state")
+        if state is None:
+            raise ElementError(
+                f"domain {domain!r}: <{PREFIX}:{LOCAL_NAME}> has no 'state' attribute;"
+                " set state='on' or state='off'"
+            )
+        if state not in ("on", "off"):
+            raise ElementError(
+                f"domain {domain!r}: page-fusion state {state!r} is not valid; use 'on' or 'off'"
+            )
+        group = element.get("group")
+        if group is not None:
+            try:
+                check_group(group)
+            except ElementError as err:
+                raise ElementError(f"domain {domain!r}: {err}") from None
+
+        schema = _schema()
+        if not schema.validate(element):
+            first = schema.error_log.filter_from_errors()[0].message
+            raise ElementError(f"domain {domain!r}: invalid <{PREFIX}:{LOCAL_NAME}>: {first}")
+        return cls(enabled=state == "on", group=group)
+
+    def to_element(self) -> etree._Element:
+        element = etree.Element(TAG, nsmap={PREFIX: NAMESPACE})
+        element.set("state", self.state)
+        if self.group is not None:
+            element.set("group", check_group(self.group))
+        return element
+
+    def to_xml(self) -> str:
+        """The element alone, as ``virsh metadata`` and virDomainSetMetadata take it."""
+        return etree.tostring(self.to_element(), encoding="unicode")
+
+
+OFF = PageFusion()
+
+
+def find_element(domain: etree._Element, *, name: str = "?") -> etree._Element | None:
+    """Return the page-fusion element of a ``<domain>`` tree, or None if it has none.
+
+    Raises ElementError when the element is repeated or when an element of the
+    same name sits in another namespace, which is almost always a typo that
+    would otherwise leave page fusion silently off.
+    """
+    metadata = domain.find("metadata")
+    if metadata is None:
+        return None
+
+    ours = [child for child in metadata if child.tag == TAG]
+    if len(ours) > 1:
+        raise ElementError(
+            f"domain {name!r}: <{PREFIX}:{LOCAL_NAME}> appears {len(ours)} times in <metadata>;"
+            " keep exactly one"
+        )
+    if not ours:
+        for child in metadata:
+            if isinstance(child.tag, str) and etree.QName(child).localname == LOCAL_NAME:
+                found = etree.QName(child).namespace or "no namespace"
+                raise ElementError(
+                    f"domain {name!r}: <{LOCAL_NAME}> in {found!r} is not pagefusion's;"
+                    f" use the namespace {NAMESPACE!r}"
+                )
+        return None
+    return ours[0]
+
+
+def parse_domain(domain_xml: str | bytes) -> etree._Element:
+    """Parse a domain XML document, turning parse errors into ElementError."""
+    if isinstance(domain_xml, str):
+        domain_xml = domain_xml.encode()
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    try:
+        root = etree.fromstring(domain_xml, parser)
+    except etree.XMLSyntaxError as err:
+        raise ElementError(f"domain XML is not well-formed: {err}") from None
+    if root.tag != "domain":
+        raise ElementError(f"expected a <domain> document, found <{root.tag}>")
+    return root
+
+
+def domain_name(domain: etree._Element) -> str:
+    return domain.findtext("name") or "?"
+
+
+def from_domain(domain: etree._Element) -> PageFusion:
+    """The page-fusion setting of a parsed ``<domain>``; absent means off."""
+    name = domain_name(domain)
+    element = find_element(domain, name=name)
+    if element is None:
+        return OFF
+    return PageFusion.from_element(element, domain=name)

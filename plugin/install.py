@@ -1,0 +1,101 @@
+"""Installing pagefusion on a host: the hook, KSM's saved settings, and isolation.
+
+The hook is the script in ``hooks/qemu`` with its first line pointing at the
+interpreter that has this package. libvirtd finds hooks only when it starts,
+so the caller restarts it (``pagefusion install --restart-libvirtd``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import libvirt
+
+from pagefusion import domainxml, element, ksm, paths, services
+from pagefusion.connection import open_connection
+
+log = logging.getLogger(__name__)
+
+
+def hook_text(interpreter: str | None = None) -> str:
+    """The hook script as installed: the shipped script with our interpreter."""
+    source = importlib.resources.files("pagefusion.hooks").joinpath("qemu").read_text()
+    _shebang, _, body = source.partition("\n")
+    # -I: the hook runs as root from libvirtd; ignore PYTHON* variables and
+    # the current directory, take only the installed package.
+    return f"#!{interpreter or sys.executable} -I\n{body}"
+
+
+def install_hook() -> bool:
+    """Write the hook if it differs from what is installed; True if it changed."""
+    text = hook_text()
+    try:
+        if paths.hook_path().read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    paths.hook_dir().mkdir(mode=0o755, parents=True, exist_ok=True)
+    temporary = paths.hook_path().with_name(".pagefusion.tmp")
+    temporary.write_text(text)
+    temporary.chmod(0o755)
+    os.replace(temporary, paths.hook_path())
+    log.info("installed the hook %s", paths.hook_path())
+    return True
+
+
+def remove_hook() -> bool:
+    try:
+        paths.hook_path().unlink()
+    except FileNotFoundError:
+        return False
+    log.info("removed the hook %s", paths.hook_path())
+    return True
+
+
+@dataclass
+class IsolationReport:
+    isolated: list[str] = field(default_factory=list)
+    mergeable_until_restart: list[str] = field(default_factory=list)
+
+
+def isolate_existing_domains(conn: libvirt.virConnect) -> IsolationReport:
+    """Give every persistent domain without page fusion ``<nosharepages/>``.
+
+    QEMU lets KSM merge a domain's memory unless told otherwise, so without
+    this a host's existing domains would be fused although nobody opted in.
+    Running domains get it in their persistent definition; they stay
+    mergeable until their next start, and the report says so.
+    """
+    report = IsolationReport()
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT):
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        domain = element.parse_domain(dom.XMLDesc(flags))
+        if element.from_domain(domain).enabled or domainxml.merging_disabled(domain):
+            continue
+        domainxml.set_merging(domain, enabled=False)
+        conn.defineXML(domainxml.to_string(domain))
+        report.isolated.append(dom.name())
+        if dom.isActive():
+            report.mergeable_until_restart.append(dom.name())
+        log.info("domain %r: merging turned off (page fusion is off)", dom.name())
+    return report
+
+
+def install(*, uri: str | None = None, restart_libvirtd: bool = False) -> IsolationReport:
+    changed = install_hook()
+    ksm.save_host_settings()
+    paths.ensure_private_dir(paths.STATE_DIR)
+    paths.ensure_private_dir(paths.RUN_DIR)
+    if restart_libvirtd and (changed or services.libvirtd_pid() is None):
+        services.restart_libvirtd()
+    return isolate_existing_domains(open_connection(uri))
+
+
+def uninstall() -> dict[str, int | str]:
+    """Remove the hook and put back the host's KSM settings; return those."""
+    remove_hook()
+    return ksm.restore_host_settings()

@@ -1,0 +1,139 @@
+"""Starting and restarting libvirt's daemons, with or without systemd.
+
+libvirtd reads its hook directory only when it starts, so installing the hook
+means restarting it. Where systemd is PID 1 that is ``systemctl``. Elsewhere
+(containers, minimal hosts) pagefusion starts ``virtlogd`` and ``libvirtd``
+itself, libvirtd under ``tini -s`` so that exited QEMU processes are reaped
+promptly instead of lingering as zombies that libvirtd waits on.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from pagefusion.errors import HostError
+
+log = logging.getLogger(__name__)
+
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
+VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
+LIBVIRTD_SOCKET = Path("/run/libvirt/libvirt-sock")
+LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd-pagefusion.log")
+START_TIMEOUT_S = 60.0
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def _pid_from(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def libvirtd_pid() -> int | None:
+    return _pid_from(LIBVIRTD_PIDFILE)
+
+
+def _socket_answers() -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(LIBVIRTD_SOCKET))
+        except OSError:
+            return False
+    return True
+
+
+def _fix_kvm_device() -> None:
+    # Without udev /dev/kvm stays root:root 0600: libvirt's probe sees KVM but
+    # QEMU, run as libvirt-qemu, cannot open it, and libvirtd then re-probes
+    # QEMU on every call. Give it the ownership udev would.
+    kvm = Path("/dev/kvm")
+    if not kvm.exists():
+        return
+    try:
+        gid = grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return
+    if kvm.stat().st_gid != gid or kvm.stat().st_mode & 0o060 != 0o060:
+        os.chown(kvm, -1, gid)
+        kvm.chmod(0o660)
+        log.info("gave /dev/kvm to group kvm, mode 0660")
+
+
+def _spawn(argv: list[str]) -> None:
+    LIBVIRTD_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(LIBVIRTD_LOG, "ab") as out:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def _wait_for(check, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise HostError(f"{what} did not happen within {timeout_s:.0f} s; see {LIBVIRTD_LOG}")
+
+
+def start_libvirt() -> None:
+    """Make sure virtlogd and libvirtd run and libvirtd answers on its socket."""
+    if systemd_running():
+        subprocess.run(["systemctl", "start", "virtlogd", "libvirtd"], check=True)
+        _wait_for(_socket_answers, "libvirtd answering on its socket")
+        return
+
+    _fix_kvm_device()
+    if _pid_from(VIRTLOGD_PIDFILE) is None:
+        subprocess.run(["virtlogd", "-d"], check=True)
+        log.info("started virtlogd")
+    if libvirtd_pid() is None or not _socket_answers():
+        tini = shutil.which("tini")
+        argv = [tini, "-s", "--", "libvirtd"] if tini else ["libvirtd"]
+        if not tini:
+            log.warning("tini not found: exited QEMU processes may linger as zombies")
+        _spawn(argv)
+        _wait_for(lambda: libvirtd_pid() is not None and _socket_answers(), "libvirtd start")
+        log.info("started libvirtd (pid %s)", libvirtd_pid())
+
+
+def stop_libvirtd() -> None:
+    """Stop libvirtd; running guests keep running and are reconnected on start."""
+    if systemd_running():
+        subprocess.run(["systemctl", "stop", "libvirtd"], check=True)
+        return
+    pid = libvirtd_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    _wait_for(lambda: libvirtd_pid() is None, f"libvirtd (pid {pid}) exit", 30.0)
+    log.info("stopped libvirtd (pid %s)", pid)
+
+
+def restart_libvirtd() -> None:
+    """Restart libvirtd so that it reads its hook directory again."""
+    if systemd_running():
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
+        _wait_for(_socket_answers, "libvirtd answering on its socket")
+        return
+    stop_libvirtd()
+    start_libvirt()

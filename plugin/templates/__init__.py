@@ -1,0 +1,1 @@
+"""Jinja2 templates that pagefusion renders (domain XML of the demo guests)."""

@@ -1,0 +1,108 @@
+"""The hook's contract with libvirtd, checked without libvirtd.
+
+The hook script is run as libvirtd runs it: a separate process with argv and
+the domain XML on stdin, its state kept in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from pagefusion import hook, install, journal, runstate
+from pagefusion.element import NAMESPACE
+
+UUID = "0d2b7c1e-5a4f-4c3e-9b1a-2f6e8d7c9a01"
+
+
+def domain_xml(state: str | None = "on", nosharepages: bool = False, name: str = "vm1") -> str:
+    element = f'<p:page-fusion xmlns:p="{NAMESPACE}" state="{state}"/>' if state else ""
+    backing = "<memoryBacking><nosharepages/></memoryBacking>" if nosharepages else ""
+    return (
+        f"<domain type='qemu'><name>{name}</name><uuid>{UUID}</uuid>"
+        f"<metadata>{element}</metadata>{backing}</domain>"
+    )
+
+
+@pytest.fixture
+def run_hook(private_paths, tmp_path):
+    script = tmp_path / "pagefusion-hook"
+    script.write_text(install.hook_text(sys.executable))
+    script.chmod(0o755)
+
+    def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(script), *argv], input=stdin, capture_output=True, text=True, timeout=30
+        )
+
+    return run
+
+
+def test_prepare_records_the_value_the_domain_starts_with(run_hook):
+    done = run_hook("vm1", "prepare", "begin", "-", stdin=domain_xml("on"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    record = runstate.load(UUID)
+    assert record.enabled and record.phase == runstate.PHASE_PREPARED
+
+
+def test_prepare_refuses_a_bad_element_with_one_line(run_hook):
+    done = run_hook("vm1", "prepare", "begin", "-", stdin=domain_xml("sometimes"))
+    assert done.returncode == 1
+    refusal = [line for line in done.stderr.splitlines() if line.startswith("pagefusion:")]
+    assert refusal == [
+        "pagefusion: domain 'vm1': page-fusion state 'sometimes' is not valid; use 'on' or 'off'"
+    ]
+    assert "Traceback" not in done.stderr
+    assert runstate.load(UUID) is None
+
+
+def test_prepare_refuses_page_fusion_off_on_mergeable_memory(run_hook):
+    done = run_hook("vm1", "prepare", "begin", "-", stdin=domain_xml("off", nosharepages=False))
+    assert done.returncode == 1
+    assert "pagefusion set vm1 off" in done.stderr
+
+
+@pytest.mark.parametrize("operation", ["reconnect", "attach", "started", "stopped", "release"])
+def test_operations_that_must_not_fail_pass_on_garbage(run_hook, operation):
+    done = run_hook("vm1", operation, "begin", "-", stdin="<not xml")
+    assert done.returncode == 0
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("operation", ["migrate", "restore"])
+def test_migrate_and_restore_print_nothing_when_they_keep_the_xml(run_hook, operation):
+    done = run_hook("vm1", operation, "begin", "-", stdin=domain_xml("on"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+
+
+def test_unknown_operations_pass(run_hook):
+    done = run_hook("vm1", "teleport", "begin", "-", stdin=domain_xml("on"))
+    assert done.returncode == 0
+    assert done.stdout == ""
+
+
+def test_each_call_is_journaled_once(run_hook):
+    for operation in ("prepare", "start", "started", "stopped", "release"):
+        run_hook("vm1", operation, "begin", "-", stdin=domain_xml("on"))
+    calls = journal.read()
+    assert [c["operation"] for c in calls] == ["prepare", "start", "started", "stopped", "release"]
+    assert {c["uuid"] for c in calls} == {UUID}
+
+
+def test_the_hook_does_not_import_libvirt():
+    code = "import sys, pagefusion.hook; print('libvirt' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_in_process_dispatch_of_reconnect_never_raises(private_paths, monkeypatch):
+    def explode(call):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(hook.HANDLERS, "reconnect", explode)
+    assert hook.main(["vm1", "reconnect", "begin", "-"], io.StringIO(domain_xml())) == 0
