@@ -38,6 +38,22 @@ class HostMetrics:
     ksm: dict[str, int]
     domains: list[DomainMetrics]
 
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form: VirtualBox's metric names as keys, bytes as values."""
+        return {
+            "host": {HOST_SHARED: self.shared_bytes, "ksm": self.ksm},
+            "domains": [
+                {
+                    "name": d.name,
+                    "uuid": d.uuid,
+                    "page_fusion": d.page_fusion,
+                    "group": d.group,
+                    GUEST_SHARED: d.shared_bytes,
+                }
+                for d in self.domains
+            ],
+        }
+
 
 def _qemu_pid(record: runstate.DomainRecord) -> int | None:
     if record.qemu_alive():
