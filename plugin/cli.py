@@ -75,6 +75,14 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from pagefusion.daemon import Daemon
+
+    logging.getLogger("pagefusion").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    Daemon(args.connect).run()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pagefusion import demo
 
@@ -127,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("state", choices=("on", "off"))
     set_.add_argument("--group", type=_group, help="page-fusion group of the domain")
     set_.set_defaults(func=cmd_set)
+
+    daemon = commands.add_parser(
+        "daemon", help="run the host daemon that enforces the shut-off rule (foreground)"
+    )
+    daemon.set_defaults(func=cmd_daemon)
 
     demo = commands.add_parser("demo", help="boot four small guests and show what fusion saves")
     demo.add_argument("--remove", action="store_true", help="remove the demo guests")

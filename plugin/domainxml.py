@@ -14,6 +14,7 @@ from lxml import etree
 
 from pagefusion import element, textedit
 from pagefusion.element import PageFusion
+from pagefusion.errors import ElementError
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +145,34 @@ def _canonical(xml: str | etree._Element) -> str:
     return etree.canonicalize(xml, strip_text=True, with_comments=True)
 
 
-def with_page_fusion(domain_xml: str, value: PageFusion) -> tuple[str, bool]:
+def drop_elements(domain: etree._Element) -> bool:
+    """Remove every page-fusion element, valid or not; True if there was one."""
+    found = domain.findall(f"metadata/{element.TAG}")
+    for node in found:
+        _remove(node)
+    return bool(found)
+
+
+def with_page_fusion(
+    domain_xml: str, value: PageFusion, *, replace_invalid: bool = False
+) -> tuple[str, bool]:
     """Return ``domain_xml`` rewritten to carry ``value``, and whether it changed.
 
     The edit is made on the parsed tree, which is the truth, and then spliced
     into the original text so that quoting, indentation and everything else
     stay byte for byte. If the splice does not give the same tree (an unusual
     layout), the tree is serialised instead: still correct, less tidy.
+    ``replace_invalid`` first drops an invalid or repeated element instead of
+    raising ElementError.
     """
     domain = element.parse_domain(domain_xml)
-    changed = set_page_fusion(domain, value)
+    dropped = False
+    if replace_invalid:
+        try:
+            element.from_domain(domain)
+        except ElementError:
+            dropped = drop_elements(domain)
+    changed = set_page_fusion(domain, value) or dropped
     if not changed:
         return domain_xml, False
 

@@ -106,8 +106,14 @@ class PageFusion:
         return element
 
     def to_xml(self) -> str:
-        """The element alone, as ``virsh metadata`` and virDomainSetMetadata take it."""
+        """The element alone, with its namespace declaration."""
         return etree.tostring(self.to_element(), encoding="unicode")
+
+    def to_metadata_xml(self) -> str:
+        """The element without namespace, as virDomainSetMetadata and ``virsh metadata``
+        take it: libvirt adds the namespace from its ``uri`` and ``key`` arguments."""
+        group = f' group="{self.group}"' if self.group is not None else ""
+        return f'<{LOCAL_NAME} state="{self.state}"{group}/>'
 
 
 OFF = PageFusion()

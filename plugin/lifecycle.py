@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from lxml import etree
 
-from pagefusion import domainxml, element, ksm, runstate
+from pagefusion import domainxml, element, ksm, ledger, paths, runstate
 from pagefusion.element import PageFusion
-from pagefusion.errors import RuleError
+from pagefusion.errors import PagefusionError, RuleError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,65 @@ def check_merge_setting(call: HookCall) -> None:
         )
 
 
+# A record still "prepared" after this long belongs to a start that died.
+PREPARE_STALE_S = 600.0
+
+
+def _is_live(record: runstate.DomainRecord) -> bool:
+    if record.phase == runstate.PHASE_PREPARED:
+        return time.time() - record.since < PREPARE_STALE_S
+    return record.phase == runstate.PHASE_RUNNING and record.qemu_alive()
+
+
+def check_group(call: HookCall) -> None:
+    """Refuse a page-fusion domain whose group differs from running ones'.
+
+    KSM merges across the whole host, so two groups on one host would be
+    fused together. Called under the host lock, so that of two domains
+    prepared at the same moment the second sees the first.
+    """
+    value = call.page_fusion
+    if not value.enabled:
+        return
+    others = [
+        r for r in runstate.all_records() if r.uuid != call.uuid and r.enabled and _is_live(r)
+    ]
+    conflicting = [r for r in others if r.page_fusion.effective_group != value.effective_group]
+    if conflicting:
+        group = conflicting[0].page_fusion.effective_group
+        names = ", ".join(repr(r.name) for r in conflicting)
+        raise RuleError(
+            f"domain {call.name!r} is in page-fusion group {value.effective_group!r}, but"
+            f" {names} of group {group!r} already run on this host and KSM would fuse"
+            " them together; stop those first or give this domain the same group"
+        )
+
+
+def check_slipped_change(call: HookCall) -> None:
+    """Refuse a start that would silently apply a change made while it ran."""
+    entry = ledger.load(call.uuid)
+    if not entry.slipped:
+        return
+    if call.page_fusion != entry.slipped_to:
+        ledger.accept(call.uuid, call.name, call.page_fusion, confirmed=False)
+        return
+    wanted = entry.slipped_to.state
+    kept = entry.slipped_from.state if entry.slipped_from else "off"
+    raise RuleError(
+        f"domain {call.name!r}: page fusion was changed from {entry.slipped_from.describe()}"
+        f" to {entry.slipped_to.describe()} while the domain was running, and nothing undid"
+        f" it; to start with it, run 'pagefusion set {call.name} {wanted}', or to keep the"
+        f" old value run 'pagefusion set {call.name} {kept}', then start again"
+    )
+
+
 def on_prepare(call: HookCall) -> None:
     value = call.page_fusion
     check_merge_setting(call)
+    check_slipped_change(call)
 
     with runstate.host_lock():
+        check_group(call)
         record = runstate.DomainRecord(
             name=call.name, uuid=call.uuid, enabled=value.enabled, group=value.group
         )
@@ -99,7 +154,36 @@ def on_stopped(call: HookCall) -> None:
         runstate.save(record)
 
 
+def _persistent_value(name: str) -> PageFusion | None:
+    """The element in libvirt's own file for the domain, read without libvirt."""
+    try:
+        text = paths.persistent_definition(name).read_bytes()
+        return element.from_domain(element.parse_domain(text))
+    except (OSError, PagefusionError):
+        return None
+
+
 def on_release(call: HookCall) -> None:
+    record = runstate.load(call.uuid)
+    ran_with = record.page_fusion if record else call.page_fusion
+    entry = ledger.load(call.uuid)
+    entry.name = call.name
+    entry.ran_with = ran_with
+
+    # A change made to the persistent definition while the domain ran is
+    # normally undone at once by the daemon; if the daemon was down it is
+    # still there, and the next start must not apply it silently.
+    persistent = _persistent_value(call.name)
+    if persistent is not None and persistent not in (ran_with, entry.accepted):
+        entry.slipped_from, entry.slipped_to = ran_with, persistent
+        log.warning(
+            "domain %r: page fusion changed from %s to %s while it ran; the next start"
+            " waits for 'pagefusion set'",
+            call.name,
+            ran_with.describe(),
+            persistent.describe(),
+        )
+    ledger.save(entry)
     runstate.remove(call.uuid)
 
 
@@ -110,6 +194,14 @@ def on_migrate(call: HookCall) -> str:
 
 def on_restore(call: HookCall) -> str:
     check_merge_setting(call)
+    ran_with = ledger.load(call.uuid).ran_with
+    if ran_with is not None and call.page_fusion != ran_with:
+        raise RuleError(
+            f"domain {call.name!r} was saved while running with page fusion"
+            f" {ran_with.describe()}, but the XML to restore says"
+            f" {call.page_fusion.describe()}; restore it with the saved XML, or discard the"
+            " saved state and start it afresh to apply the change"
+        )
     return ""
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from pagefusion import connection, domainxml, element, runstate
+from pagefusion import connection, domainxml, element, ledger, runstate
 from pagefusion.element import PageFusion
 from pagefusion.errors import RuleError
 
@@ -80,4 +80,5 @@ def change(dom: libvirt.virDomain, value: PageFusion) -> bool:
     if changed:
         dom.connect().defineXML(xml)
         log.info("domain %r: page fusion set to %s", name, value.describe())
+    ledger.accept(dom.UUIDString(), name, value, confirmed=True)
     return changed

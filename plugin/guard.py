@@ -1,0 +1,128 @@
+"""The shut-off rule, enforced after the fact for changes libvirt lets through.
+
+libvirt has no hook on define: ``virsh edit``, ``virsh define``, ``virsh
+metadata`` and the API all change a running domain's page-fusion element
+without asking. The daemon calls ``reconcile`` on every such event; for a
+running domain it puts the element back to the value the domain runs with,
+in the persistent definition and in the live XML, and keeps the rest of the
+edit. For a shut-off domain the change is accepted, and the merge setting is
+brought in line with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import libvirt
+
+from pagefusion import domainxml, element, ledger, runstate
+from pagefusion.element import NAMESPACE, PREFIX, PageFusion
+from pagefusion.errors import ElementError
+from pagefusion.settings import INACTIVE_XML
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    refused: PageFusion | str | None = None  # the refused value, or the bad element's reason
+    kept: PageFusion | None = None
+    redefined: bool = False
+
+
+def _value(xml: str) -> PageFusion | str:
+    """The element's value, or the reason it is invalid."""
+    try:
+        return element.from_domain(element.parse_domain(xml))
+    except ElementError as err:
+        return str(err)
+
+
+def running_value(dom: libvirt.virDomain) -> PageFusion:
+    """The value a running domain was started with.
+
+    The hook's record says it; a domain started before pagefusion was
+    installed has none, and its live XML at first sight is taken instead.
+    """
+    record = runstate.load(dom.UUIDString())
+    if record is not None:
+        return record.page_fusion
+    live = _value(dom.XMLDesc(0))
+    value = live if isinstance(live, PageFusion) else PageFusion()
+    record = runstate.DomainRecord(
+        name=dom.name(),
+        uuid=dom.UUIDString(),
+        enabled=value.enabled,
+        group=value.group,
+        phase=runstate.PHASE_RUNNING,
+        qemu_pid=runstate.qemu_pid_of(dom.name()),
+    )
+    runstate.save(record)
+    return value
+
+
+def _describe(value: PageFusion | str) -> str:
+    return value.describe() if isinstance(value, PageFusion) else f"an invalid element ({value})"
+
+
+def _reconcile_running(dom: libvirt.virDomain) -> Outcome:
+    name = dom.name()
+    keep = running_value(dom)
+    refused: PageFusion | str | None = None
+    redefined = False
+
+    if dom.isPersistent():
+        inactive = dom.XMLDesc(INACTIVE_XML)
+        persistent = _value(inactive)
+        if persistent != keep:
+            refused = persistent
+        xml, redefined = domainxml.with_page_fusion(inactive, keep, replace_invalid=True)
+        if redefined:
+            dom.connect().defineXML(xml)
+
+    live = _value(dom.XMLDesc(0))
+    if live != keep:
+        refused = refused or live
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, keep.to_metadata_xml(), PREFIX, NAMESPACE, flags
+        )
+
+    if refused is not None:
+        ledger.count(ledger.REJECTED_CHANGES)
+        log.warning(
+            "domain %r is running with page fusion %s: refused the change to %s;"
+            " change page fusion while the domain is shut off",
+            name,
+            keep.describe(),
+            _describe(refused),
+        )
+    return Outcome(name=name, refused=refused, kept=keep, redefined=redefined)
+
+
+def _reconcile_shut_off(dom: libvirt.virDomain) -> Outcome:
+    name = dom.name()
+    inactive = dom.XMLDesc(INACTIVE_XML)
+    value = _value(inactive)
+    if not isinstance(value, PageFusion):
+        # Nothing sensible to write; the next start is refused with the reason.
+        log.warning("domain %r: %s", name, value)
+        return Outcome(name=name)
+
+    xml, changed = domainxml.with_page_fusion(inactive, value)
+    if changed:
+        dom.connect().defineXML(xml)
+        log.info("domain %r: merge setting aligned with page fusion %s", name, value.describe())
+    entry = ledger.load(dom.UUIDString())
+    if entry.accepted != value:
+        ledger.accept(dom.UUIDString(), name, value, confirmed=False)
+    return Outcome(name=name, kept=value, redefined=changed)
+
+
+def reconcile(dom: libvirt.virDomain) -> Outcome:
+    """Make the domain's page-fusion element obey the shut-off rule."""
+    if dom.isActive():
+        return _reconcile_running(dom)
+    return _reconcile_shut_off(dom)
