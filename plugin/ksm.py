@@ -106,7 +106,7 @@ def process_stat(pid: int) -> ProcessStat | None:
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
-        fields[key] = value.strip()
+        fields[key.rstrip(":")] = value.strip()
     mergeable = fields.get("ksm_mergeable")
     return ProcessStat(
         pid=pid,

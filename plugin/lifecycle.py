@@ -116,8 +116,8 @@ def check_slipped_change(call: HookCall) -> None:
 
 def on_prepare(call: HookCall) -> None:
     value = call.page_fusion
-    check_merge_setting(call)
     check_slipped_change(call)
+    check_merge_setting(call)
 
     with runstate.host_lock():
         check_group(call)
@@ -193,7 +193,6 @@ def on_migrate(call: HookCall) -> str:
 
 
 def on_restore(call: HookCall) -> str:
-    check_merge_setting(call)
     ran_with = ledger.load(call.uuid).ran_with
     if ran_with is not None and call.page_fusion != ran_with:
         raise RuleError(
@@ -202,6 +201,7 @@ def on_restore(call: HookCall) -> str:
             f" {call.page_fusion.describe()}; restore it with the saved XML, or discard the"
             " saved state and start it afresh to apply the change"
         )
+    check_merge_setting(call)
     return ""
 
 

@@ -15,7 +15,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
+import xml.sax.saxutils
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +59,30 @@ class DomainRecord:
         return True
 
 
+_STATUS_PID = re.compile(rb"<domstatus\b[^>]*\bpid=['\"](\d+)['\"]")
+
+
 def qemu_pid_of(name: str) -> int | None:
-    """The pid libvirt recorded for a running domain's QEMU, or None."""
+    """The pid libvirt recorded for a running domain's QEMU, or None.
+
+    libvirt's status file carries it under the plain domain name; its pidfile
+    is named after the XML-escaped name, which differs for names with quotes
+    or ampersands, so it is only the fallback.
+    """
     try:
-        return int(paths.qemu_pidfile(name).read_text().strip())
-    except (OSError, ValueError):
-        return None
+        with open(paths.LIBVIRT_RUN_DIR / "qemu" / f"{name}.xml", "rb") as status:
+            found = _STATUS_PID.search(status.read(4096))
+        if found:
+            return int(found.group(1))
+    except OSError:
+        pass
+    escaped = xml.sax.saxutils.escape(name, {'"': "&quot;", "'": "&apos;"})
+    for candidate in dict.fromkeys((name, escaped)):
+        try:
+            return int(paths.qemu_pidfile(candidate).read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def records_dir() -> Path:

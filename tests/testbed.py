@@ -12,13 +12,15 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 
-from pagefusion import guestimage, guests, install, ksm, paths, services
+from pagefusion import guestimage, guests, install, ksm, paths, runstate, services
 from pagefusion.connection import open_connection
 from pagefusion.element import PageFusion
 
@@ -148,5 +150,35 @@ def virsh(*args: str, check: bool = True, env: dict | None = None) -> subprocess
         text=True,
         check=check,
         env=env,
+        timeout=120,
+    )
+
+
+def eventually(check, timeout_s: float, interval_s: float = 0.05):
+    """Poll ``check`` until it returns a true value or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval_s)
+
+
+def qemu_facts(name: str) -> tuple[bool, bool | None]:
+    """Whether the running guest's QEMU command line turns merging off, and the
+    ``ksm_mergeable`` of its process."""
+    pid = runstate.qemu_pid_of(name)
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    merge_off = "mem-merge=off" in cmdline or '"merge":false' in cmdline
+    stat = ksm.process_stat(pid)
+    return merge_off, stat.mergeable if stat else None
+
+
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pagefusion.cli", *args],
+        capture_output=True,
+        text=True,
+        check=check,
         timeout=120,
     )
