@@ -75,6 +75,18 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pagefusion.doctor import run_checks
+
+    checks = run_checks(args.connect)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<10} {check.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from pagefusion.daemon import Daemon
 
@@ -135,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("state", choices=("on", "off"))
     set_.add_argument("--group", type=_group, help="page-fusion group of the domain")
     set_.set_defaults(func=cmd_set)
+
+    doctor = commands.add_parser("doctor", help="check that this host is ready for page fusion")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.set_defaults(func=cmd_doctor)
 
     daemon = commands.add_parser(
         "daemon", help="run the host daemon that enforces the shut-off rule (foreground)"

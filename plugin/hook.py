@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from pagefusion import journal, lifecycle
+from pagefusion import journal, ledger, lifecycle
 from pagefusion.errors import PagefusionError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ def _setup_logging() -> None:
     root.setLevel(logging.DEBUG if os.environ.get("PAGEFUSION_DEBUG") else logging.INFO)
 
 
+def _count_refusal() -> None:
+    try:
+        ledger.count(ledger.REFUSED_STARTS)
+    except OSError as err:
+        log.warning("could not count the refusal: %s", err)
+
+
 def run(argv: list[str], domain_xml: str) -> tuple[Verdict, str]:
     """Dispatch one hook call; return the verdict and what to print on stdout."""
     name, operation, sub_operation = (argv + ["", "", ""])[:3]
@@ -80,6 +87,7 @@ def run(argv: list[str], domain_xml: str) -> tuple[Verdict, str]:
         output = handler(call) or ""
     except PagefusionError as err:
         if operation in REFUSING_OPERATIONS:
+            _count_refusal()
             return Verdict(False, str(err)), ""
         log.warning("domain %r %s: %s (libvirt carries on)", name, operation, err)
         return Verdict(True, str(err)), ""

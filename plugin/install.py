@@ -21,13 +21,19 @@ from pagefusion.connection import open_connection
 log = logging.getLogger(__name__)
 
 
+def default_interpreter() -> str:
+    """This environment's python3, named the same however Python was started."""
+    candidate = os.path.join(sys.prefix, "bin", "python3")
+    return candidate if os.path.exists(candidate) else sys.executable
+
+
 def hook_text(interpreter: str | None = None) -> str:
     """The hook script as installed: the shipped script with our interpreter."""
     source = importlib.resources.files("pagefusion.hooks").joinpath("qemu").read_text()
     _shebang, _, body = source.partition("\n")
     # -I: the hook runs as root from libvirtd; ignore PYTHON* variables and
     # the current directory, take only the installed package.
-    return f"#!{interpreter or sys.executable} -I\n{body}"
+    return f"#!{interpreter or default_interpreter()} -I\n{body}"
 
 
 def install_hook() -> bool:

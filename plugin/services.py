@@ -43,6 +43,17 @@ def _pid_from(pidfile: Path) -> int | None:
     return pid
 
 
+def process_start_time(pid: int) -> float:
+    """When a process started, in seconds since the epoch."""
+    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    boot_time = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot_time + int(after_name[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def libvirtd_pid() -> int | None:
     return _pid_from(LIBVIRTD_PIDFILE)
 

@@ -49,18 +49,6 @@ def libvirtd_unavailable_reason() -> str | None:
     return None
 
 
-def _process_start_time(pid: int) -> float:
-    """When a process started, in seconds since the epoch."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[19])
-    boot = next(
-        int(line.split()[1])
-        for line in Path("/proc/stat").read_text().splitlines()
-        if line.startswith("btime ")
-    )
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def ensure_libvirtd_with_hook() -> libvirt.virConnect:
     """libvirtd running, with pagefusion's hook and the recorder seen by it."""
     services.start_libvirt()
@@ -72,7 +60,7 @@ def ensure_libvirtd_with_hook() -> libvirt.virConnect:
         changed = True
     pid = services.libvirtd_pid()
     hooks_newer = max(paths.hook_path().stat().st_mtime, RECORDER_PATH.stat().st_mtime)
-    if changed or pid is None or _process_start_time(pid) < hooks_newer:
+    if changed or pid is None or services.process_start_time(pid) < hooks_newer:
         services.restart_libvirtd()
     return open_connection()
 
