@@ -34,7 +34,9 @@ def print_metrics(figures: metrics.HostMetrics) -> None:
 def cmd_install(args: argparse.Namespace) -> int:
     from pagefusion.install import install
 
-    report = install(uri=args.connect, restart_libvirtd=args.restart_libvirtd)
+    report = install(
+        uri=args.connect, restart_libvirtd=args.restart_libvirtd, start_daemon=args.start_daemon
+    )
     for name in report.isolated:
         print(f"domain {name!r}: page fusion off, merging turned off in its definition")
     for name in report.mergeable_until_restart:
@@ -116,8 +118,15 @@ def _group(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"pagefusion: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pagefusion",
         description="VirtualBox-style Page Fusion for libvirt/QEMU domains, on the kernel's KSM.",
     )
@@ -131,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-libvirtd",
         action="store_true",
         help="restart libvirtd so that it sees the hook (running guests keep running)",
+    )
+    install.add_argument(
+        "--start-daemon", action="store_true", help="start pagefusion's daemon if it is not running"
     )
     install.set_defaults(func=cmd_install)
 

@@ -62,7 +62,7 @@ def remove_demo(uri: str | None = None) -> list[str]:
 
 def run(progress: Callable[[str], None], uri: str | None = None) -> metrics.HostMetrics:
     services.start_libvirt()
-    install(uri=uri, restart_libvirtd=True)
+    install(uri=uri, restart_libvirtd=True, start_daemon=True)
     conn = open_connection(uri)
     image = guestimage.ensure_image()
 

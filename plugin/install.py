@@ -91,14 +91,19 @@ def isolate_existing_domains(conn: libvirt.virConnect) -> IsolationReport:
     return report
 
 
-def install(*, uri: str | None = None, restart_libvirtd: bool = False) -> IsolationReport:
+def install(
+    *, uri: str | None = None, restart_libvirtd: bool = False, start_daemon: bool = False
+) -> IsolationReport:
     changed = install_hook()
     ksm.save_host_settings()
     paths.ensure_private_dir(paths.STATE_DIR)
     paths.ensure_private_dir(paths.RUN_DIR)
     if restart_libvirtd and (changed or services.libvirtd_pid() is None):
         services.restart_libvirtd()
-    return isolate_existing_domains(open_connection(uri))
+    report = isolate_existing_domains(open_connection(uri))
+    if start_daemon:
+        services.start_daemon()
+    return report
 
 
 def uninstall() -> dict[str, int | str]:

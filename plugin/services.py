@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,9 +85,9 @@ def _fix_kvm_device() -> None:
         log.info("gave /dev/kvm to group kvm, mode 0660")
 
 
-def _spawn(argv: list[str]) -> None:
-    LIBVIRTD_LOG.parent.mkdir(parents=True, exist_ok=True)
-    with open(LIBVIRTD_LOG, "ab") as out:
+def _spawn(argv: list[str], log_path: Path = LIBVIRTD_LOG) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
         subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -148,3 +149,22 @@ def restart_libvirtd() -> None:
         return
     stop_libvirtd()
     start_libvirt()
+
+
+DAEMON_LOG = Path("/var/log/pagefusion/daemon.log")
+DAEMON_UNIT = "pagefusion.service"
+
+
+def start_daemon() -> None:
+    """Start pagefusion's daemon if it is not running: its unit under systemd,
+    else a detached process logging to DAEMON_LOG."""
+    from pagefusion.daemon import daemon_pid
+
+    if daemon_pid() is not None:
+        return
+    if systemd_running() and Path(f"/etc/systemd/system/{DAEMON_UNIT}").exists():
+        subprocess.run(["systemctl", "start", DAEMON_UNIT], check=True)
+    else:
+        _spawn([sys.executable, "-m", "pagefusion.cli", "daemon"], DAEMON_LOG)
+    _wait_for(lambda: daemon_pid() is not None, "pagefusion daemon start", 30.0)
+    log.info("started pagefusion's daemon (pid %s)", daemon_pid())
