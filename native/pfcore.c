@@ -1382,13 +1382,20 @@ static void queue_candidate(struct pf_scanner *s, size_t slot,
 	cand->page = page;
 }
 
-/* Look the fingerprint up in the foreign sets; queue the first hit. */
+/*
+ * Look the fingerprint up in the foreign sets; queue the first hit.  Only
+ * sets of processes with a lower pid count: of a content spread over
+ * several domains, the copy of the lowest pid is the one KSM keeps, so
+ * summing fusible pages over domains gives exactly the saving.
+ */
 static bool queue_foreign(struct pf_scanner *s, size_t slot, uint64_t fp)
 {
 	uint64_t page;
 	size_t i;
 
 	for (i = 0; i < s->nr_foreign; i++) {
+		if (s->foreign[i]->pid > s->pid)
+			continue;
 		if (foreign_find(s->foreign[i], fp, &page)) {
 			queue_candidate(s, slot, (uint32_t)(i + 1), page);
 			return true;

@@ -97,13 +97,12 @@
  *
  *   So k identical stable pages in this process count k - 1 duplicates and
  *   k - 1 fusible pages, with the representative unique: the saving KSM
- *   would make.  If the contents also exist in a foreign set, the
- *   representative is a duplicate too (of the foreign page), so all k
- *   count: this domain's copies can all merge into the other domain's.
- *   Summing fusible pages over domains therefore counts the one copy KSM
- *   keeps of a group spread over several domains once too often; the
- *   pages_foreign counter (duplicates confirmed against a foreign page)
- *   bounds that error.
+ *   would make.  If the contents also exist in the foreign set of a process
+ *   with a lower pid, the representative is a duplicate too (of the foreign
+ *   page), so all k count: this domain's copies can all merge into the
+ *   other domain's.  Sets of higher pids are not consulted: of a content
+ *   spread over several domains the lowest pid keeps its copy, and the sum
+ *   of fusible pages over domains is the saving KSM would make.
  *
  * Bounded cost: sampling
  *

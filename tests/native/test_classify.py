@@ -276,7 +276,8 @@ def test_export_lists_each_stable_content_once(spawn) -> None:
 
 def test_duplicates_across_domains(spawn) -> None:
     layout = Layout(volatile=0)
-    one, other = spawn(), spawn()
+    # The domain with the lower pid keeps its copies; the other one's fuse.
+    other, one = sorted((spawn(), spawn()), key=lambda guest: guest.pid)
     one.map(layout.seeds)
     other_addr = other.map(layout.seeds)
     budget = layout.pages
@@ -307,6 +308,13 @@ def test_duplicates_across_domains(spawn) -> None:
         assert stale.pages_foreign == layout.groups + layout.unique - 10
         assert stale.pages_unique == 10
         assert stale.hash_collisions == 0
+
+        # The keeper (lower pid) counts none of its pages as fusible into
+        # the other's: summed over both domains, the saving is exact.
+        second.load_foreign(one.pid, first.fingerprints())
+        keeper = second.scan_pass()
+        assert keeper.pages_foreign == 0
+        assert keeper.pages_duplicate == layout.duplicates
 
         # Once that domain is gone its set is dropped, without an error.
         other.stop()
