@@ -7,7 +7,7 @@ zero-page shortcut), far larger than the caches: memcpy copies it into a
 second buffer, the fingerprinter hashes every page.  The best of a few rounds
 is reported for each, then the ratio (the target is at least 0.5).  A last
 line times a whole scanner pass over the same memory read from a child
-process: process_vm_readv, fingerprint and classification together.
+process: reading /proc/PID/mem, fingerprint and classification together.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> int:
     print(f"ratio        {hash_gbs / copy_gbs:6.2f}  (fingerprint / memcpy, target >= 0.5)")
     print(
         f"scan pass    {size / pass_s / 1e9:6.2f} GB/s  {pages / pass_s:12,.0f} pages/s"
-        "  (process_vm_readv + fingerprint + classify, one pass)"
+        "  (/proc/PID/mem read + fingerprint + classify, one pass)"
     )
     return 0
 

@@ -9,10 +9,13 @@
 #include "pfcore.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
+#include <unistd.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -445,76 +448,82 @@ static inline uint64_t list_addr(const uint64_t *addrs, uint64_t base,
 	return addrs ? addrs[i] : base + (uint64_t)i * PF_PAGE_SIZE;
 }
 
-/*
- * Append one page to a remote range list, extending the last range when
- * the page follows it.  Returns false when a new range would not fit.
- */
-static bool add_remote_page(struct iovec *remote, size_t *nr_iov,
-			    uint64_t addr)
+/* Open the memory of process @pid for reading; a negative errno on failure. */
+static int open_process_memory(int pid)
 {
-	struct iovec *last = *nr_iov ? &remote[*nr_iov - 1] : NULL;
+	char path[32];
+	int fd;
 
-	if (last && (uintptr_t)last->iov_base + last->iov_len == addr) {
-		last->iov_len += PF_PAGE_SIZE;
-		return true;
+	snprintf(path, sizeof(path), "/proc/%d/mem", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd >= 0)
+		return fd;
+	switch (errno) {
+	case ENOENT:
+	case ESRCH:
+		return -ESRCH;
+	case EACCES:
+		return -EPERM;
+	default:
+		return -errno;
 	}
-	if (*nr_iov == PF_READ_MAX_IOVECS)
-		return false;
-	remote[*nr_iov].iov_base = (void *)(uintptr_t)addr;
-	remote[*nr_iov].iov_len = PF_PAGE_SIZE;
-	(*nr_iov)++;
-	return true;
 }
 
 /*
  * Copy pages, given as a list (addrs) or as a contiguous range from base,
  * into dst in order.  A page that cannot be read is marked in page_ok,
  * zero-filled, and skipped.
+ *
+ * Reading goes through /proc/PID/mem and not process_vm_readv(): the latter
+ * pins the pages it reads (FOLL_PIN), and since Linux 5.19 a read-only pin
+ * of an anonymous page that is not exclusive to its process unshares it
+ * first, which breaks every KSM merge the reader touches.  /proc/PID/mem
+ * takes plain references and leaves merged pages merged.
  */
 static ssize_t read_pages(int pid, const uint64_t *addrs, uint64_t base,
 			  size_t nr_pages, unsigned char *dst, uint8_t *page_ok,
 			  uint64_t *bytes_read)
 {
-	struct iovec remote[PF_READ_MAX_IOVECS];
 	size_t done = 0, nr_ok = 0;
+	ssize_t ret;
+	int fd;
 
 	if (pid <= 0 || (nr_pages && !dst))
 		return -EINVAL;
+	for (size_t i = 0; i < nr_pages; i++)
+		if (list_addr(addrs, base, i) % PF_PAGE_SIZE)
+			return -EINVAL;
+	fd = open_process_memory(pid);
+	if (fd < 0)
+		return fd;
 
 	while (done < nr_pages) {
-		size_t nr_iov = 0, pages = 0, full;
-		struct iovec local;
+		uint64_t addr = list_addr(addrs, base, done);
+		size_t pages = 1, full;
 		ssize_t got;
 
-		/* Merge adjacent pages into one remote range. */
+		/* Adjacent pages are read in one call. */
 		while (done + pages < nr_pages &&
-		       pages < PF_READ_MAX_PAGES_PER_CALL) {
-			uint64_t addr = list_addr(addrs, base, done + pages);
-
-			if (addr % PF_PAGE_SIZE)
-				return -EINVAL;
-			if (!add_remote_page(remote, &nr_iov, addr))
-				break;
+		       pages < PF_READ_MAX_PAGES_PER_CALL &&
+		       list_addr(addrs, base, done + pages) ==
+			       addr + pages * PF_PAGE_SIZE)
 			pages++;
-		}
 
-		local.iov_base = dst + done * PF_PAGE_SIZE;
-		local.iov_len = pages * PF_PAGE_SIZE;
-		got = process_vm_readv(pid, &local, 1, remote, nr_iov, 0);
+		got = pread(fd, dst + done * PF_PAGE_SIZE,
+			    pages * PF_PAGE_SIZE, (off_t)addr);
 		if (got < 0) {
-			switch (errno) {
-			case EINTR:
+			if (errno == EINTR)
 				continue;
-			case EFAULT:
-			case EIO:
-				/* The first page is not readable. */
-				got = 0;
-				break;
-			case EACCES:
-				return -EPERM;
-			default:
-				return -errno;
+			if (errno != EIO && errno != EFAULT) {
+				ret = -errno;
+				goto out_close;
 			}
+			/* The first page is not readable. */
+			got = 0;
+		}
+		if (got == 0 && kill(pid, 0) < 0 && errno == ESRCH) {
+			ret = -ESRCH;
+			goto out_close;
 		}
 		if (bytes_read)
 			*bytes_read += (uint64_t)got;
@@ -532,7 +541,10 @@ static ssize_t read_pages(int pid, const uint64_t *addrs, uint64_t base,
 			done++;
 		}
 	}
-	return (ssize_t)nr_ok;
+	ret = (ssize_t)nr_ok;
+out_close:
+	close(fd);
+	return ret;
 }
 
 ssize_t pf_read_pages(int pid, uint64_t remote_addr, size_t nr_pages,

@@ -11,15 +11,18 @@
  *
  * Reading guest RAM
  *
- *   Pages are copied out of the QEMU process with process_vm_readv() only:
- *   no ptrace attach, no /proc/PID/mem, never process_vm_writev().  Up to
- *   PF_READ_MAX_IOVECS remote ranges go into one call and adjacent pages are
- *   merged into one range, so a batch of pages costs one system call (and
- *   one more per process whose pages confirm duplicates).  When a page
- *   cannot be read (its range was unmapped by a hot-unplug, or it is
- *   PROT_NONE) the kernel stops at that page; the reader marks it failed,
- *   zero-fills its copy and resumes with the next page.  ESRCH means the
- *   process is gone and ends the whole read.  Reading faults pages in: a
+ *   Pages are copied out of the QEMU process by reading /proc/PID/mem,
+ *   opened read-only: no ptrace attach, never a write, never
+ *   process_vm_writev().  process_vm_readv() is not used either: it pins
+ *   what it reads, and since Linux 5.19 a read-only pin of an anonymous
+ *   page shared by KSM unshares the page first, so a reader using it would
+ *   undo the very merges it measures.  Adjacent pages go into one pread(),
+ *   so a batch of pages costs a few system calls (and more per process
+ *   whose pages confirm duplicates).  When a page cannot be read (its range
+ *   was unmapped by a hot-unplug, or it is PROT_NONE) the kernel stops at
+ *   that page; the reader marks it failed, zero-fills its copy and resumes
+ *   with the next page.  ESRCH means the process is gone and ends the whole
+ *   read.  Reading faults pages in: a
  *   never-touched page maps the shared zero page (no RAM is spent, and it
  *   counts as a zero page although KSM gains nothing from it) but a
  *   swapped-out page is swapped back in, so on a host under memory pressure
@@ -147,7 +150,6 @@
 #define PF_FP_FIRST		2
 
 /* Remote ranges in one process_vm_readv() call: the kernel's IOV_MAX. */
-#define PF_READ_MAX_IOVECS	1024
 /* Pages read, fingerprinted and classified together. */
 #define PF_BATCH_PAGES		256
 /* Contiguous pages a sampled pass reads at a time. */

@@ -77,6 +77,17 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pagefusion import status
+
+    report = status.collect()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(status.render(report))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pagefusion.doctor import run_checks
 
@@ -159,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("state", choices=("on", "off"))
     set_.add_argument("--group", type=_group, help="page-fusion group of the domain")
     set_.set_defaults(func=cmd_set)
+
+    status = commands.add_parser(
+        "status", help="KSM pacing, its reason, and each worker's findings"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
 
     doctor = commands.add_parser("doctor", help="check that this host is ready for page fusion")
     doctor.add_argument("--json", action="store_true", help="print JSON")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from pagefusion import guard, paths
+from pagefusion import guard, pacing, paths, supervision
 from pagefusion.connection import open_connection
 from pagefusion.element import NAMESPACE
 from pagefusion.errors import HostError, PagefusionError
@@ -45,7 +45,11 @@ class Daemon:
         self.pending: queue.Queue[str | None] = queue.Queue()
         self.stopping = threading.Event()
         self.conn: libvirt.virConnect | None = None
-        self.periodic: list[Callable[[libvirt.virConnect], None]] = []
+        # Every tick: replace workers that died, then pace KSM by their reports.
+        self.periodic: list[Callable[[libvirt.virConnect], object]] = [
+            lambda _conn: supervision.ensure_all(),
+            pacing.PacingTask(),
+        ]
         self._callbacks: list[int] = []
         self._lock_fd: int | None = None
 
@@ -125,10 +129,18 @@ class Daemon:
                     return
                 if time.monotonic() - last_tick >= TICK_S:
                     last_tick = time.monotonic()
-                    for task in self.periodic:
-                        task(self.conn)
+                    self._tick()
         finally:
             self._disconnect()
+
+    def _tick(self) -> None:
+        for task in self.periodic:
+            try:
+                task(self.conn)
+            except (OSError, PagefusionError) as err:
+                # One failing task (KSM read-only, a full disk) must not stop
+                # the others or the enforcement of the shut-off rule.
+                log.warning("periodic task failed: %s", err)
 
     def _disconnect(self) -> None:
         conn, self.conn = self.conn, None

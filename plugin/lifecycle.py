@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from pagefusion import domainxml, element, ksm, ledger, paths, runstate
+from pagefusion import domainxml, element, ksm, ledger, paths, runstate, supervision
 from pagefusion.element import PageFusion
 from pagefusion.errors import PagefusionError, RuleError
 
@@ -142,9 +142,11 @@ def on_started(call: HookCall) -> None:
     record.phase = runstate.PHASE_RUNNING
     record.qemu_pid = runstate.qemu_pid_of(call.name)
     runstate.save(record)
+    log.debug("domain %r running as QEMU pid %s", call.name, record.qemu_pid)
     if record.enabled:
         ksm.ensure_running()
-    log.debug("domain %r running as QEMU pid %s", call.name, record.qemu_pid)
+        if supervision.worker_pid(record.uuid) is None:
+            supervision.launch(record.uuid)
 
 
 def on_stopped(call: HookCall) -> None:
@@ -152,6 +154,7 @@ def on_stopped(call: HookCall) -> None:
     if record is not None:
         record.phase = runstate.PHASE_STOPPED
         runstate.save(record)
+    supervision.stop(call.uuid)
 
 
 def _persistent_value(name: str) -> PageFusion | None:
@@ -184,6 +187,7 @@ def on_release(call: HookCall) -> None:
             persistent.describe(),
         )
     ledger.save(entry)
+    supervision.stop(call.uuid)
     runstate.remove(call.uuid)
 
 

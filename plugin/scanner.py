@@ -3,7 +3,7 @@
 This is the only module that talks to ``pagefusion._native``: it checks every
 argument before C sees it and turns the core's negative errno returns into
 pagefusion exceptions.  The core (native/pfcore.h) reads a QEMU process's
-guest RAM read-only with ``process_vm_readv``, fingerprints each page with a
+guest RAM read-only through ``/proc/PID/mem``, fingerprints each page with a
 keyed hash and classifies it as zero, volatile, duplicate or unique, so that
 the daemon can pace KSM by how much would really merge.
 

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import libvirt
+
 log = logging.getLogger(__name__)
 
 # Machine path -> name of the per-host directory mounted over it.
@@ -299,15 +301,44 @@ class NamespaceHost:
             return []
         return processes_in_namespace_of(self.keeper.pid)
 
+    def qemu_pids(self) -> list[int]:
+        """Pids of the host's running QEMU processes, from libvirt's pidfiles."""
+        found = []
+        for pidfile in (self.private("/run") / "libvirt" / "qemu").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().strip())
+                os.kill(pid, 0)
+                found.append(pid)
+        return found
+
     def stop(self) -> None:
         """End every process of the host: guests, daemons, sshd, the keeper."""
         if self.keeper is not None:
+            # libvirt starts each QEMU in a mount namespace of its own, so
+            # guests are not found by the keeper's namespace: destroy them
+            # through libvirt, and kill what libvirt could not.
+            _destroy_guests(self.uri)
+            for pid in self.qemu_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             stop_namespace_of(self.keeper.pid)
             self.keeper.wait(timeout=STOP_TIMEOUT_S)
         for child in self.spawned:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=STOP_TIMEOUT_S)
         self.spawned.clear()
+
+
+def _destroy_guests(uri: str) -> None:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        log.warning("cannot reach %s to destroy its guests: %s", uri, err)
+        return
+    with contextlib.closing(conn):
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
 
 
 def _comm(pid: int) -> str | None:

@@ -1,0 +1,186 @@
+"""Pacing KSM by what the fusion workers found.
+
+KSM scans every mergeable page at a fixed pace, merging a page only after
+two full scans saw it unchanged. Fast scanning fuses new guests within
+seconds but costs CPU for ever after; slow scanning is cheap but leaves a
+late arrival unfused for minutes. The workers know how much is fusible, so
+the daemon can do both:
+
+- ``fast`` while the backlog (memory the workers call fusible that KSM has
+  not fused yet) is large: a full scan of all mergeable memory about every
+  second;
+- ``slow`` once the backlog is small, or once fused memory stopped growing
+  for a few full scans (what is left is not reachable, e.g. pages that keep
+  changing between KSM's looks): barely scanning, since any new fusible
+  memory will show up in the workers' reports and switch back to ``fast``;
+- ``idle`` with no page-fusion domain running: ``run=0``, merged pages kept.
+
+Each decision is written with its reason to ``/run/pagefusion/pacing.json``
+for ``pagefusion status``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from pagefusion import ksm, paths, runstate
+from pagefusion.worker import Report, read_report
+
+log = logging.getLogger(__name__)
+
+FAST_FULL_SCAN_S = 1.0
+FAST_SLEEP_MS = 10
+SLOW_PAGES_TO_SCAN = 100
+SLOW_SLEEP_MS = 500
+# The backlog counts as small below this many pages, or this share of the fusible total.
+BACKLOG_SMALL_PAGES = 256
+BACKLOG_SMALL_SHARE = 0.05
+# Fast scanning gives up after fused memory has not grown for this many full scans.
+PLATEAU_FULL_SCANS = 4
+MAX_PAGES_TO_SCAN = 20000
+
+
+@dataclass(frozen=True)
+class Decision:
+    mode: str
+    reason: str
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    fusible_pages: int
+    fused_pages: int
+    backlog_pages: int
+    domains: int
+    decided_at: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def fast_pages_to_scan(mergeable_pages: int) -> int:
+    """Pages per wake-up that scan all mergeable memory in FAST_FULL_SCAN_S."""
+    wakeups = FAST_FULL_SCAN_S * 1000 / FAST_SLEEP_MS
+    wanted = math.ceil(mergeable_pages / wakeups)
+    return max(SLOW_PAGES_TO_SCAN, min(MAX_PAGES_TO_SCAN, wanted))
+
+
+class Pacer:
+    """Remembers what it saw between ticks: when fused memory last grew."""
+
+    def __init__(self) -> None:
+        self.mode = "idle"
+        self.best_fused = 0
+        self.best_fused_at = time.monotonic()
+        self.plateau_fusible: int | None = None
+
+    def decide(self, reports: list[Report], counters: dict[str, int], domains: int) -> Decision:
+        now = time.monotonic()
+        fused = counters.get("pages_sharing", 0) + counters.get("ksm_zero_pages", 0)
+        fusible = sum(r.cycle.get("pages_fusible", 0) for r in reports)
+        backlog = max(0, fusible - fused)
+        mergeable = sum(r.pages_total for r in reports)
+        unmeasured = domains - sum(1 for r in reports if r.measured)
+
+        if fused > self.best_fused:
+            self.best_fused, self.best_fused_at = fused, now
+        full_scan_s = FAST_FULL_SCAN_S if self.mode == "fast" else None
+        stalled = full_scan_s is not None and now - self.best_fused_at > PLATEAU_FULL_SCANS * max(
+            full_scan_s, 1.0
+        )
+        small = backlog <= max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * fusible)
+
+        if domains == 0:
+            mode, reason = "idle", "no page-fusion domain runs"
+        elif unmeasured > 0:
+            mode, reason = "fast", f"{unmeasured} domain(s) not measured yet by their worker"
+        elif small:
+            mode, reason = "slow", f"backlog of {backlog} pages is small"
+        elif stalled and (self.plateau_fusible is None or fusible <= self.plateau_fusible):
+            self.plateau_fusible = fusible if self.plateau_fusible is None else self.plateau_fusible
+            mode, reason = (
+                "slow",
+                (
+                    f"fused memory stopped growing at {fused} pages; the {backlog} pages"
+                    " left are not reachable now"
+                ),
+            )
+        else:
+            mode, reason = "fast", f"backlog of {backlog} fusible pages not yet fused"
+
+        if mode == "fast" and self.mode != "fast":
+            # A new start: give fused memory its full time to grow again.
+            self.best_fused_at, self.plateau_fusible = now, None
+        self.mode = mode
+        if mode == "fast":
+            run, pages, sleep = ksm.RUN_MERGE, fast_pages_to_scan(mergeable), FAST_SLEEP_MS
+        elif mode == "slow":
+            run, pages, sleep = ksm.RUN_MERGE, SLOW_PAGES_TO_SCAN, SLOW_SLEEP_MS
+        else:
+            run, pages, sleep = ksm.RUN_STOP, SLOW_PAGES_TO_SCAN, SLOW_SLEEP_MS
+        return Decision(
+            mode=mode,
+            reason=reason,
+            run=run,
+            pages_to_scan=pages,
+            sleep_millisecs=sleep,
+            fusible_pages=fusible,
+            fused_pages=fused,
+            backlog_pages=backlog,
+            domains=domains,
+            decided_at=time.time(),
+        )
+
+
+def decision_path():
+    return paths.RUN_DIR / "pacing.json"
+
+
+def apply(decision: Decision, previous: Decision | None) -> None:
+    """Write the decision to KSM (only what changed) and to pacing.json."""
+    if previous is None or (previous.mode, previous.pages_to_scan) != (
+        decision.mode,
+        decision.pages_to_scan,
+    ):
+        log.info("KSM pacing %s: %s", decision.mode, decision.reason)
+    ksm.save_host_settings()
+    ksm.write_value("pages_to_scan", decision.pages_to_scan)
+    ksm.write_value("sleep_millisecs", decision.sleep_millisecs)
+    ksm.write_value("run", decision.run)
+    runstate.write_atomically(decision_path(), json.dumps(decision.as_dict(), sort_keys=True))
+
+
+def read_decision() -> dict[str, object] | None:
+    try:
+        return json.loads(decision_path().read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def running_page_fusion_records() -> list[runstate.DomainRecord]:
+    return [
+        r
+        for r in runstate.all_records()
+        if r.enabled and r.phase == runstate.PHASE_RUNNING and r.qemu_alive()
+    ]
+
+
+class PacingTask:
+    """The daemon's periodic task: read the reports, decide, apply."""
+
+    def __init__(self) -> None:
+        self.pacer = Pacer()
+        self.previous: Decision | None = None
+
+    def __call__(self, _conn=None) -> Decision | None:
+        if not ksm.available():
+            return None
+        records = running_page_fusion_records()
+        reports = [r for r in (read_report(rec.uuid) for rec in records) if r is not None]
+        decision = self.pacer.decide(reports, ksm.counters(), len(records))
+        apply(decision, self.previous)
+        self.previous = decision
+        return decision

@@ -1,0 +1,59 @@
+"""The deploy playbook installs pagefusion on every host, once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagefusion import ksm, paths
+
+pytestmark = [pytest.mark.fleet, pytest.mark.libvirt]
+
+
+def test_deploy_installs_pagefusion_and_restarts_each_hosts_libvirtd(fleet, deployed):
+    for host in fleet.hosts:
+        assert deployed.run.count(host.name, "failed") == 0
+        assert deployed.run.changed(host.name) > 0, deployed.run.describe(host.name)
+        assert host.venv_python.exists()
+        shebang = host.hook_path.read_text().splitlines()[0]
+        assert shebang.startswith("#!/opt/pagefusion/venv/bin/python"), shebang
+        # libvirtd reads its hooks only when it starts: the role restarted
+        # the host's own libvirtd, and no other.
+        assert host.pid_from("libvirtd.pid") not in (None, deployed.libvirtd_pids[host.name])
+
+
+def test_deploy_leaves_each_hosts_libvirtd_running_the_hook(fleet, deployed):
+    for host in fleet.hosts:
+        name = fleet.guests[host.name][0]
+        dom = fleet.domain(host, name)
+        dom.create()
+        dom.destroy()
+        journal_path = host.private("/var/lib/pagefusion") / paths.hook_journal().name
+        calls = [json.loads(line) for line in journal_path.read_text().splitlines()]
+        operations = [call["operation"] for call in calls if call["domain"] == name]
+        assert operations[-5:] == ["prepare", "start", "started", "stopped", "release"]
+
+
+def test_deploy_second_run_changes_nothing(fleet, deployed):
+    run = fleet.playbook("deploy")
+    run.assert_succeeded()
+    for host in fleet.hosts:
+        assert run.changed(host.name) == 0, run.describe(f"{host.name} changed again")
+
+
+def test_deploy_in_check_mode_changes_nothing(fleet, deployed):
+    sleep_ms = ksm.read_value("sleep_millisecs")
+    before = {
+        host.name: (host.hook_path.stat(), host.pid_from("libvirtd.pid")) for host in fleet.hosts
+    }
+
+    tunables = {"pagefusion_host_ksm_tunables": {"sleep_millisecs": sleep_ms + 7}}
+    run = fleet.playbook("deploy", "--check", "-e", json.dumps(tunables))
+
+    run.assert_succeeded()
+    for host in fleet.hosts:
+        # The tunable would change on every host, and did not.
+        assert run.changed(host.name) == 1, run.describe(host.name)
+        assert (host.hook_path.stat(), host.pid_from("libvirtd.pid")) == before[host.name]
+    assert ksm.read_value("sleep_millisecs") == sleep_ms
