@@ -15,6 +15,11 @@ the daemon can do both:
   memory will show up in the workers' reports and switch back to ``fast``;
 - ``idle`` with no page-fusion domain running: ``run=0``, merged pages kept.
 
+Fast mode also turns KSM's ``smart_scan`` off: it lets ksmd skip pages that
+failed to merge before for a growing number of scans, and was seen here to
+leave thousands of fusible pages unmerged for hundreds of full scans. Slow
+mode turns it back on, where skipping is the point.
+
 Each decision is written with its reason to ``/run/pagefusion/pacing.json``
 for ``pagefusion status``.
 """
@@ -39,8 +44,9 @@ SLOW_SLEEP_MS = 500
 # The backlog counts as small below this many pages, or this share of the fusible total.
 BACKLOG_SMALL_PAGES = 256
 BACKLOG_SMALL_SHARE = 0.05
-# Fast scanning gives up after fused memory has not grown for this many full scans.
-PLATEAU_FULL_SCANS = 4
+# Fast scanning gives up when fused memory has not grown for this long (a few
+# full scans), until the workers find more fusible memory than at that point.
+PLATEAU_S = 4 * FAST_FULL_SCAN_S + 1.0
 MAX_PAGES_TO_SCAN = 20000
 
 
@@ -51,6 +57,7 @@ class Decision:
     run: int
     pages_to_scan: int
     sleep_millisecs: int
+    smart_scan: int
     fusible_pages: int
     fused_pages: int
     backlog_pages: int
@@ -87,26 +94,25 @@ class Pacer:
 
         if fused > self.best_fused:
             self.best_fused, self.best_fused_at = fused, now
-        full_scan_s = FAST_FULL_SCAN_S if self.mode == "fast" else None
-        stalled = full_scan_s is not None and now - self.best_fused_at > PLATEAU_FULL_SCANS * max(
-            full_scan_s, 1.0
-        )
-        small = backlog <= max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * fusible)
+        margin = max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * fusible)
+        stalled = self.mode == "fast" and now - self.best_fused_at > PLATEAU_S
 
         if domains == 0:
             mode, reason = "idle", "no page-fusion domain runs"
         elif unmeasured > 0:
             mode, reason = "fast", f"{unmeasured} domain(s) not measured yet by their worker"
-        elif small:
+        elif backlog <= margin:
             mode, reason = "slow", f"backlog of {backlog} pages is small"
-        elif stalled and (self.plateau_fusible is None or fusible <= self.plateau_fusible):
-            self.plateau_fusible = fusible if self.plateau_fusible is None else self.plateau_fusible
-            mode, reason = (
-                "slow",
-                (
-                    f"fused memory stopped growing at {fused} pages; the {backlog} pages"
-                    " left are not reachable now"
-                ),
+        elif self.plateau_fusible is not None and fusible <= self.plateau_fusible + margin:
+            mode, reason = "slow", (
+                f"fused memory stopped growing at {self.best_fused} pages; the {backlog}"
+                " pages left are not reachable now"
+            )
+        elif stalled:
+            self.plateau_fusible = fusible
+            mode, reason = "slow", (
+                f"fused memory stopped growing at {fused} pages; the {backlog} pages"
+                " left are not reachable now"
             )
         else:
             mode, reason = "fast", f"backlog of {backlog} fusible pages not yet fused"
@@ -127,6 +133,7 @@ class Pacer:
             run=run,
             pages_to_scan=pages,
             sleep_millisecs=sleep,
+            smart_scan=0 if mode == "fast" else 1,
             fusible_pages=fusible,
             fused_pages=fused,
             backlog_pages=backlog,
@@ -149,6 +156,8 @@ def apply(decision: Decision, previous: Decision | None) -> None:
     ksm.save_host_settings()
     ksm.write_value("pages_to_scan", decision.pages_to_scan)
     ksm.write_value("sleep_millisecs", decision.sleep_millisecs)
+    if (ksm.SYSFS / "smart_scan").exists():
+        ksm.write_value("smart_scan", decision.smart_scan)
     ksm.write_value("run", decision.run)
     runstate.write_atomically(decision_path(), json.dumps(decision.as_dict(), sort_keys=True))
 

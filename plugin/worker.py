@@ -19,10 +19,14 @@ domain never has two workers, and exits when its QEMU process does.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
 import logging
+import mmap
 import os
 import select
 import signal
@@ -75,6 +79,45 @@ def load_or_create_key() -> bytes:
     return key
 
 
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_SOFT_DIRTY = 1 << 55
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+
+
+@functools.cache
+def zero_page_entry() -> int:
+    """The pagemap entry of a mapping of the kernel's shared zero page.
+
+    Read faults on untouched anonymous memory (ours when we read a guest's
+    RAM, too) map that one page: it reads as zeros but costs no RAM, and KSM
+    never merges it, so it must not count as fusible. Found by reading our
+    own untouched page.
+    """
+    with mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as page:
+        page[0]  # fault in the zero page
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(address // mmap.PAGESIZE * 8)
+            entry = int.from_bytes(pagemap.read(8), "little")
+    if not entry & PAGEMAP_PRESENT or not entry & PAGEMAP_PFN_MASK:
+        return 0  # PFNs hidden (no CAP_SYS_ADMIN): cannot tell, count none
+    return entry & (PAGEMAP_PRESENT | PAGEMAP_PFN_MASK)
+
+
+def count_zero_page_mappings(pid: int, regions) -> int:
+    """Pages of the guest RAM that map the shared zero page (never written)."""
+    entry = zero_page_entry()
+    if not entry:
+        return 0
+    total = 0
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        for region in regions:
+            pagemap.seek(region.start // mmap.PAGESIZE * 8)
+            entries = array.array("Q", pagemap.read(region.pages * 8))
+            total += entries.count(entry) + entries.count(entry | PAGEMAP_SOFT_DIRTY)
+    return total
+
+
 def report_path(uuid: str) -> Path:
     return paths.worker_dir() / f"{uuid}.json"
 
@@ -95,6 +138,9 @@ class Report:
     qemu_pid: int
     worker_pid: int
     pages_total: int = 0
+    # Zero pages that only map the kernel's zero page: part of pages_zero,
+    # never of pages_fusible.
+    pages_unpopulated: int = 0
     cycles: int = 0
     cycle: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0
@@ -209,8 +255,12 @@ class Worker:
                     cycle[name] += getattr(counters, name)
                 passes += 1
                 if passes >= counters.passes_per_cycle:
+                    unpopulated = count_zero_page_mappings(self.record.qemu_pid, pages.regions)
+                    cycle["pages_fusible"] -= min(unpopulated, cycle["pages_fusible_zero"])
+                    cycle["pages_fusible_zero"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     report.cycle, report.cycles = dict(cycle), report.cycles + 1
                     report.pages_total = counters.pages_total
+                    report.pages_unpopulated = unpopulated
                     cycle, passes = dict.fromkeys(CYCLE_FIELDS, 0), 0
                 report.updated = time.time()
                 self._publish(pages, report)

@@ -13,6 +13,7 @@ pytest's temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,9 +102,16 @@ class Fleet:
         )
 
     def connect(self, host: hosts.NamespaceHost) -> libvirt.virConnect:
-        if host.name not in self._connections:
-            self._connections[host.name] = open_connection(host.uri)
-        return self._connections[host.name]
+        """A connection to the host's libvirtd, opened again after libvirtd restarted."""
+        conn = self._connections.get(host.name)
+        if conn is not None:
+            try:
+                conn.getLibVersion()
+                return conn
+            except libvirt.libvirtError:
+                pass
+        conn = self._connections[host.name] = open_connection(host.uri)
+        return conn
 
     def domain(self, host: hosts.NamespaceHost, name: str) -> libvirt.virDomain:
         return self.connect(host).lookupByName(name)
@@ -114,7 +122,8 @@ class Fleet:
 
     def close(self) -> None:
         for conn in self._connections.values():
-            conn.close()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
         self._connections.clear()
 
 
