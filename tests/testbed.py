@@ -22,6 +22,7 @@ import libvirt
 
 from pagefusion import guestimage, guests, install, ksm, paths, runstate, services
 from pagefusion.connection import open_connection
+from pagefusion.demo import DEMO_PREFIX
 from pagefusion.element import PageFusion
 
 TEST_PREFIX = "pftest-"
@@ -49,7 +50,32 @@ def libvirtd_unavailable_reason() -> str | None:
     return None
 
 
-def ensure_libvirtd_with_hook() -> libvirt.virConnect:
+class SharedConnection:
+    """A libvirt connection shared by many tests that survives a libvirtd restart.
+
+    Tests restart libvirtd on purpose; the next call through this object
+    opens a new connection instead of failing on the closed one.
+    """
+
+    def __init__(self) -> None:
+        self._conn = open_connection()
+
+    def restart_libvirtd(self) -> None:
+        """Restart libvirtd (guests keep running) and connect again."""
+        services.restart_libvirtd()
+        self._conn = open_connection()
+
+    def __getattr__(self, name: str):
+        try:
+            alive = self._conn.isAlive()
+        except libvirt.libvirtError:
+            alive = False
+        if not alive:
+            self._conn = open_connection()
+        return getattr(self._conn, name)
+
+
+def ensure_libvirtd_with_hook() -> SharedConnection:
     """libvirtd running, with pagefusion's hook and the recorder seen by it."""
     services.start_libvirt()
     changed = install.install_hook()
@@ -62,7 +88,7 @@ def ensure_libvirtd_with_hook() -> libvirt.virConnect:
     hooks_newer = max(paths.hook_path().stat().st_mtime, RECORDER_PATH.stat().st_mtime)
     if changed or pid is None or services.process_start_time(pid) < hooks_newer:
         services.restart_libvirtd()
-    return open_connection()
+    return SharedConnection()
 
 
 @dataclass
@@ -113,9 +139,10 @@ class GuestFactory:
 
 
 def remove_leftover_guests(conn: libvirt.virConnect) -> None:
-    """Remove test guests a killed earlier run left behind."""
+    """Remove test guests a killed earlier run left behind, and demo guests:
+    the tests' page-fusion guests could not start beside another group."""
     for dom in conn.listAllDomains():
-        if dom.name().startswith(TEST_PREFIX):
+        if dom.name().startswith((TEST_PREFIX, DEMO_PREFIX)):
             guests.remove(conn, dom.name())
 
 

@@ -149,7 +149,10 @@ def _add_guests(fleet: Fleet, host: hosts.NamespaceHost, image: guestimage.Guest
     # The image keeps its path: inside the host, /var/lib/libvirt is the host's own.
     host.image_dir.mkdir(parents=True, exist_ok=True)
     for part in (image.kernel, image.initrd):
-        shutil.copy2(part, host.image_dir / part.name)
+        # Contents only: libvirt records its owner bookkeeping in the files'
+        # extended attributes, which must not come along from the machine's.
+        shutil.copyfile(part, host.image_dir / part.name)
+        (host.image_dir / part.name).chmod(0o644)
     names = [f"{host.name}-{letter}" for letter in "ab"[: GUEST_COUNTS[host.name]]]
     for name in names:
         guests.define(fleet.connect(host), guests.GuestSpec(name, PageFusion()), image)
