@@ -123,13 +123,13 @@ class Daemon:
         self.conn = self._connect()
         try:
             self.reconcile_all()
-            last_tick = 0.0
+            last_tick = -TICK_S
             while not self.stopping.is_set() and self.conn.isAlive():
-                if not self._drain():
-                    return
                 if time.monotonic() - last_tick >= TICK_S:
                     last_tick = time.monotonic()
                     self._tick()
+                if not self._drain():
+                    return
         finally:
             self._disconnect()
 

@@ -42,7 +42,13 @@ log = logging.getLogger(__name__)
 
 KEY_SIZE = 16
 BUDGET_WINDOW_S = 60.0
+# Passes come every second while the guest's memory is in flux and back off
+# to MAX_PASS_INTERVAL_S while it is not: the budget is a cap, and a settled
+# guest needs only a look now and then to notice new fusible memory.
 MIN_PASS_INTERVAL_S = 1.0
+MAX_PASS_INTERVAL_S = 30.0
+# A change of the fusible count by more than this share counts as flux.
+SETTLED_CHANGE = 0.02
 # The class totals a report carries, summed over one cycle of passes.
 CYCLE_FIELDS = (
     "pages_scanned",
@@ -183,6 +189,14 @@ class TokenBucket:
         self.stamp = now
 
 
+def next_interval(interval_s: float, before: int | None, after: int) -> float:
+    """The pause after a cycle: back to the minimum when the fusible count
+    moved, twice as long (up to the maximum) when it held."""
+    if before is None or abs(after - before) > SETTLED_CHANGE * max(before, 1):
+        return MIN_PASS_INTERVAL_S
+    return min(MAX_PASS_INTERVAL_S, interval_s * 2)
+
+
 class Worker:
     def __init__(self, record: runstate.DomainRecord, settings: config.Config) -> None:
         self.record = record
@@ -240,6 +254,7 @@ class Worker:
         )
         cycle = dict.fromkeys(CYCLE_FIELDS, 0)
         passes = 0
+        interval_s = MIN_PASS_INTERVAL_S
         pages_per_pass = self.settings.worker_pages_per_pass
 
         with native.PageScanner(self.record.qemu_pid, key, pages_per_pass=pages_per_pass) as pages:
@@ -258,6 +273,8 @@ class Worker:
                     unpopulated = count_zero_page_mappings(self.record.qemu_pid, pages.regions)
                     cycle["pages_fusible"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     cycle["pages_fusible_zero"] -= min(unpopulated, cycle["pages_fusible_zero"])
+                    before = report.cycle.get("pages_fusible") if report.cycles else None
+                    interval_s = next_interval(interval_s, before, cycle["pages_fusible"])
                     report.cycle, report.cycles = dict(cycle), report.cycles + 1
                     report.pages_total = counters.pages_total
                     report.pages_unpopulated = unpopulated
@@ -265,7 +282,7 @@ class Worker:
                 report.updated = time.time()
                 self._publish(pages, report)
 
-                pause = max(MIN_PASS_INTERVAL_S, bucket.wait_s())
+                pause = max(interval_s, bucket.wait_s())
                 # Sleep on the QEMU process: wake at once when it exits.
                 if select.select([qemu_pidfd], [], [], pause)[0]:
                     log.info("domain %r: QEMU exited, worker done", self.record.name)

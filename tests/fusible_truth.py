@@ -43,8 +43,14 @@ def _snapshot(pid: int) -> dict[int, bytes]:
     return digests
 
 
-def achievable_saving_pages(pids: list[int], interval_s: float = 1.0) -> int:
-    """Pages KSM could save across these processes' guest RAM."""
+ZERO_DIGEST = hashlib.blake2b(bytes(PAGE), digest_size=16).digest()
+
+
+def achievable_saving_pages(
+    pids: list[int], interval_s: float = 1.0, *, include_zero: bool = True
+) -> int:
+    """Pages KSM could save across these processes' guest RAM; zero-filled
+    pages left out unless ``include_zero``."""
     first = [_snapshot(pid) for pid in pids]
     time.sleep(interval_s)
     second = [_snapshot(pid) for pid in pids]
@@ -53,4 +59,6 @@ def achievable_saving_pages(pids: list[int], interval_s: float = 1.0) -> int:
         for address, digest in after.items():
             if before.get(address) == digest:
                 copies[digest] += 1
+    if not include_zero:
+        copies.pop(ZERO_DIGEST, None)
     return sum(count - 1 for count in copies.values())

@@ -170,7 +170,7 @@ class NamespaceHost:
     @property
     def uri(self) -> str:
         """The URI that reaches this host's libvirtd from outside its namespace."""
-        return f"qemu+unix:///system?socket={self.libvirt_socket}"
+        return _uri_of(self.root)
 
     @property
     def hook_path(self) -> Path:
@@ -301,32 +301,44 @@ class NamespaceHost:
             return []
         return processes_in_namespace_of(self.keeper.pid)
 
-    def qemu_pids(self) -> list[int]:
-        """Pids of the host's running QEMU processes, from libvirt's pidfiles."""
-        found = []
-        for pidfile in (self.private("/run") / "libvirt" / "qemu").glob("*.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(pidfile.read_text().strip())
-                os.kill(pid, 0)
-                found.append(pid)
-        return found
-
     def stop(self) -> None:
         """End every process of the host: guests, daemons, sshd, the keeper."""
         if self.keeper is not None:
-            # libvirt starts each QEMU in a mount namespace of its own, so
-            # guests are not found by the keeper's namespace: destroy them
-            # through libvirt, and kill what libvirt could not.
-            _destroy_guests(self.uri)
-            for pid in self.qemu_pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            stop_namespace_of(self.keeper.pid)
+            stop_host(self.root, self.keeper.pid)
             self.keeper.wait(timeout=STOP_TIMEOUT_S)
         for child in self.spawned:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=STOP_TIMEOUT_S)
         self.spawned.clear()
+
+
+def _uri_of(root: Path) -> str:
+    socket_path = root / PRIVATE_DIRS["/run"] / "libvirt" / "libvirt-sock"
+    return f"qemu+unix:///system?socket={socket_path}"
+
+
+def _qemu_pids(root: Path) -> list[int]:
+    """Pids of a host's running QEMU processes, from libvirt's pidfiles."""
+    found = []
+    for pidfile in (root / PRIVATE_DIRS["/run"] / "libvirt" / "qemu").glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, 0)
+            found.append(pid)
+    return found
+
+
+def stop_host(root: Path, keeper_pid: int | None) -> None:
+    """End every process of the host kept in ``root`` whose keeper is ``keeper_pid``."""
+    # libvirt starts each QEMU in a mount namespace of its own, so guests are
+    # not found through the keeper's: destroy them through libvirt, and kill
+    # what libvirt could not.
+    _destroy_guests(_uri_of(root))
+    for pid in _qemu_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if keeper_pid is not None:
+        stop_namespace_of(keeper_pid)
 
 
 def _destroy_guests(uri: str) -> None:
@@ -384,8 +396,10 @@ def stop_namespace_of(pid: int) -> None:
 def stop_leftover_hosts(base: Path) -> None:
     """Stop the hosts of an earlier run that was killed before it could clean up."""
     for pidfile in base.glob("*/*/keeper.pid"):
+        keeper_pid = None
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
             if KEEPER_NAME in Path(f"/proc/{pid}/cmdline").read_text():
-                stop_namespace_of(pid)
+                keeper_pid = pid
+        stop_host(pidfile.parent, keeper_pid)
         shutil.rmtree(pidfile.parent.parent, ignore_errors=True)

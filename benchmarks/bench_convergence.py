@@ -1,0 +1,317 @@
+"""How fast fused memory appears, and at what CPU cost, for five ways of pacing KSM.
+
+Run as root on a host with pagefusion installed (``scripts/setup.sh``), with
+no other guests running:
+
+    /opt/pagefusion/venv/bin/python benchmarks/bench_convergence.py [--window-s 600]
+
+For each strategy, side by side in one run:
+
+1. boot N guests from the same image (KSM stopped), each with identical data,
+   data of its own and memory it keeps rewriting;
+2. measure the achievable saving exactly (every page read twice), of
+   non-zero pages: zero pages are counted apart by KSM (``use_zero_pages=1``
+   for every strategy) and also freed by the kernel's huge page splits, so
+   fused memory here is ``pages_sharing`` against non-zero duplicates;
+3. phase 1, cold: clear KSM (``run=2``), apply the strategy, and record the
+   time until 50% and 80% of the achievable saving is fused, and the CPU
+   seconds of ksmd, pagefusion's workers and daemon over the window;
+4. phase 2, late arrival: boot one more guest, and record the time until
+   80% of the saving it brings is fused and the CPU spent in that window.
+
+Strategies: pagefusion's pacing; KSM fixed-fast (5000 pages every 5 ms);
+KSM's advisor (``advisor_mode=scan-time``); KSM's defaults (100 pages every
+20 ms); and a naive reference that scans fixed-fast until ``pages_sharing``
+stops growing, then drops to 100 pages every 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import fusible_truth  # noqa: E402
+import testbed  # noqa: E402
+
+from pagefusion import guests, ksm, runstate, services, supervision  # noqa: E402
+from pagefusion.daemon import daemon_pid  # noqa: E402
+from pagefusion.element import PageFusion  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GROUP = PageFusion(enabled=True, group="bench")
+POLL_S = 0.25
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (threads included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def ksmd_pid() -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "ksmd":
+                    return int(entry.name)
+    raise SystemExit("no ksmd thread: is KSM built into this kernel?")
+
+
+class CpuMeter:
+    """CPU seconds of ksmd and of pagefusion's processes, which come and go."""
+
+    def __init__(self) -> None:
+        self.ksmd = ksmd_pid()
+        self.seen: dict[int, float] = {}
+        self.start: dict[int, float] = {}
+
+    def _ours(self) -> list[int]:
+        pids = [self.ksmd]
+        daemon = daemon_pid()
+        if daemon:
+            pids.append(daemon)
+        pids += [p for p in (supervision.worker_pid(r.uuid) for r in runstate.all_records()) if p]
+        return pids
+
+    def begin(self) -> None:
+        self.seen.clear()
+        self.start = {pid: cpu_seconds(pid) for pid in self._ours()}
+        self.sample()
+
+    def sample(self) -> None:
+        for pid in self._ours():
+            self.start.setdefault(pid, 0.0)  # a process born in the window counts whole
+            self.seen[pid] = max(self.seen.get(pid, 0.0), cpu_seconds(pid))
+
+    def total(self) -> float:
+        self.sample()
+        return sum(self.seen[pid] - self.start.get(pid, 0.0) for pid in self.seen)
+
+
+def fused_pages() -> int:
+    """Non-zero pages fused: zero pages are left out on both sides of the
+    comparison, as the kernel also frees them by other means (huge page
+    splits remap zero-filled parts to the zero page) that KSM does not count."""
+    return ksm.read_value("pages_sharing")
+
+
+class Naive:
+    """The reference: fixed-fast until pages_sharing stops growing, then slow."""
+
+    def __init__(self, quiet_s: float = 5.0) -> None:
+        self.quiet_s = quiet_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        best, best_at = -1, time.monotonic()
+        while not self.stop.wait(POLL_S):
+            sharing = ksm.read_value("pages_sharing")
+            if sharing > best:
+                best, best_at = sharing, time.monotonic()
+            elif time.monotonic() - best_at > self.quiet_s:
+                ksm.write_value("pages_to_scan", 100)
+                ksm.write_value("sleep_millisecs", 200)
+                return
+
+
+STRATEGIES = ("pagefusion", "fixed-fast", "advisor", "defaults", "naive")
+
+
+def apply_strategy(name: str) -> Naive | None:
+    ksm.write_value("advisor_mode", "none") if (ksm.SYSFS / "advisor_mode").exists() else None
+    ksm.write_value("smart_scan", 1)
+    if name == "pagefusion":
+        services.start_daemon()
+        return None
+    if name in ("fixed-fast", "naive"):
+        ksm.write_value("pages_to_scan", 5000)
+        ksm.write_value("sleep_millisecs", 5)
+    elif name == "advisor":
+        ksm.write_value("pages_to_scan", 100)
+        ksm.write_value("sleep_millisecs", 20)
+        ksm.write_value("advisor_mode", "scan-time")
+    elif name == "defaults":
+        ksm.write_value("pages_to_scan", 100)
+        ksm.write_value("sleep_millisecs", 20)
+    ksm.write_value("run", ksm.RUN_MERGE)
+    if name == "naive":
+        naive = Naive()
+        naive.thread.start()
+        return naive
+    return None
+
+
+def stop_daemon() -> None:
+    pid = daemon_pid()
+    if pid:
+        os.kill(pid, 15)
+        testbed.eventually(lambda: daemon_pid() is None, 20.0)
+
+
+def stop_daemon_and_workers() -> None:
+    stop_daemon()
+    for record in runstate.all_records():
+        supervision.stop(record.uuid)
+
+
+def clear_ksm(strategy: str) -> None:
+    """Unmerge everything. pagefusion's workers keep running, as they do on a
+    host whose KSM state is cleared; the baselines run without them."""
+    if strategy == "pagefusion":
+        stop_daemon()
+    else:
+        stop_daemon_and_workers()
+    # Zero pages count apart (ksm_zero_pages), for every strategy alike.
+    ksm.write_value("use_zero_pages", 1)
+    ksm.write_value("run", ksm.RUN_UNMERGE)
+    testbed.eventually(lambda: fused_pages() == 0, 120.0, 0.5)
+    ksm.write_value("run", ksm.RUN_STOP)
+
+
+def time_to(target: int, started: float, deadline: float, meter: CpuMeter) -> float | None:
+    while time.monotonic() < deadline:
+        meter.sample()
+        if fused_pages() >= target:
+            return round(time.monotonic() - started, 1)
+        time.sleep(POLL_S)
+    return None
+
+
+@dataclass
+class Result:
+    strategy: str
+    achievable_pages: int
+    t50_s: float | None
+    t80_s: float | None
+    phase1_cpu_s: float
+    late_saving_pages: int
+    late_t80_s: float | None
+    phase2_cpu_s: float
+
+
+def run_strategy(name, factory, args) -> Result:
+    clear_ksm(name)
+    specs = [factory.spec(GROUP, **args.guest) for _ in range(args.guests)]
+    for spec in specs:
+        factory.define(spec).create()
+    for spec in specs:
+        guests.wait_until_booted(spec)
+    time.sleep(args.settle_s)
+    pids = [runstate.qemu_pid_of(spec.name) for spec in specs]
+    achievable = fusible_truth.achievable_saving_pages(pids, include_zero=False)
+
+    # Phase 1, cold.
+    clear_ksm(name)
+    meter = CpuMeter()
+    meter.begin()
+    started = time.monotonic()
+    naive = apply_strategy(name)
+    deadline = started + args.window_s
+    t50 = time_to(achievable // 2, started, deadline, meter)
+    t80 = time_to(achievable * 8 // 10, started, deadline, meter)
+    while time.monotonic() < deadline:
+        meter.sample()
+        time.sleep(1.0)
+    phase1_cpu = meter.total()
+    fused_before = fused_pages()
+
+    # Phase 2, late arrival.
+    late = factory.spec(GROUP, **args.guest)
+    meter.begin()
+    started = time.monotonic()
+    factory.define(late).create()
+    guests.wait_until_booted(late)
+    if name != "pagefusion":
+        stop_daemon_and_workers()  # the hook started a worker; baselines run without
+    pids.append(runstate.qemu_pid_of(late.name))
+    late_saving = max(
+        0, fusible_truth.achievable_saving_pages(pids, include_zero=False) - achievable
+    )
+    deadline = started + args.late_window_s
+    late_t80 = time_to(fused_before + late_saving * 8 // 10, started, deadline, meter)
+    while time.monotonic() < deadline:
+        meter.sample()
+        time.sleep(1.0)
+    phase2_cpu = meter.total()
+
+    if naive:
+        naive.stop.set()
+    factory.cleanup()
+    return Result(
+        name, achievable, t50, t80, round(phase1_cpu, 1), late_saving, late_t80,
+        round(phase2_cpu, 1),
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guests", type=int, default=4)
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--window-s", type=float, default=600.0, help="phase 1 window")
+    parser.add_argument("--late-window-s", type=float, default=120.0, help="phase 2 window")
+    parser.add_argument("--settle-s", type=float, default=5.0)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    args.guest = {"memory_mib": args.memory_mib, "unique_mib": 32, "volatile_mib": 8}
+
+    conn = testbed.ensure_libvirtd_with_hook()
+    testbed.remove_leftover_guests(conn)
+    factory = testbed.GuestFactory(conn, testbed.guestimage.ensure_image())
+    results = []
+    with testbed.ksm_settings_restored():
+        try:
+            for name in args.strategies.split(","):
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                results.append(run_strategy(name, factory, args))
+                print(json.dumps(asdict(results[-1])), file=sys.stderr, flush=True)
+        finally:
+            factory.cleanup()
+            stop_daemon_and_workers()
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}")
+    print(
+        f"{args.guests} TCG guests of {args.memory_mib} MiB, phase 1 window {args.window_s:.0f} s,"
+        f" phase 2 window {args.late_window_s:.0f} s"
+    )
+    header = (
+        f"{'strategy':<11} {'achievable':>10} {'t50 s':>6} {'t80 s':>6} {'cpu1 s':>7}"
+        f" {'late pages':>10} {'late t80 s':>10} {'cpu2 s':>7}"
+    )
+    print(header)
+    for r in results:
+        print(
+            f"{r.strategy:<11} {r.achievable_pages:>10} {r.t50_s!s:>6} {r.t80_s!s:>6}"
+            f" {r.phase1_cpu_s:>7} {r.late_saving_pages:>10} {r.late_t80_s!s:>10}"
+            f" {r.phase2_cpu_s:>7}"
+        )
+    by_name = {r.strategy: r for r in results}
+    ours, fast, naive = (by_name.get(n) for n in ("pagefusion", "fixed-fast", "naive"))
+    if ours and fast and naive and ours.t80_s and fast.t80_s:
+        print(f"phase 1 t80, pagefusion / fixed-fast: {ours.t80_s / fast.t80_s:.2f} (target <= 1)")
+        print(f"phase 1 CPU, pagefusion / naive: {ours.phase1_cpu_s / naive.phase1_cpu_s:.2f}"
+              " (target <= 1)")  # fmt: skip
+        total_ours = ours.phase1_cpu_s + ours.phase2_cpu_s
+        total_naive = naive.phase1_cpu_s + naive.phase2_cpu_s
+        print(f"whole window CPU, pagefusion / naive: {total_ours / total_naive:.2f} (target <= 2)")
+        print(f"phase 2 t80, pagefusion: {ours.late_t80_s} s (target <= 15 s)")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
