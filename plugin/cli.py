@@ -10,25 +10,11 @@ import sys
 
 import libvirt
 
-from pagefusion import __version__, connection, metrics, settings
+from pagefusion import __version__, connection, metricsview, settings
 from pagefusion.element import PageFusion, check_group
 from pagefusion.errors import PagefusionError
 
 log = logging.getLogger(__name__)
-
-
-def _mib(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:.1f} MiB"
-
-
-def print_metrics(figures: metrics.HostMetrics) -> None:
-    rows = [("domain", "page fusion", "group", metrics.GUEST_SHARED)]
-    for d in figures.domains:
-        rows.append((d.name, d.page_fusion, d.group or "-", _mib(d.shared_bytes)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    print(f"host {metrics.HOST_SHARED}: {_mib(figures.shared_bytes)}")
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -77,6 +63,32 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics_list(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(metricsview.catalogue_json(), indent=2))
+    else:
+        print(metricsview.render_catalogue())
+    return 0
+
+
+def cmd_metrics_query(args: argparse.Namespace) -> int:
+    metricsview.query(args.domains, as_json=args.json, samples=args.samples, period_s=args.period)
+    return 0
+
+
+def _positive_number(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+
+    return parse
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pagefusion import status
 
@@ -117,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     figures = demo.run(progress=print, uri=args.connect)
     print()
-    print_metrics(figures)
+    print(metricsview.render(figures))
     print("\nremove the demo guests with: pagefusion demo --remove")
     return 0
 
@@ -170,6 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("state", choices=("on", "off"))
     set_.add_argument("--group", type=_group, help="page-fusion group of the domain")
     set_.set_defaults(func=cmd_set)
+
+    metrics_parser = commands.add_parser("metrics", help="fused-memory metrics (list, query)")
+    metrics_commands = metrics_parser.add_subparsers(
+        dest="metrics_command", required=True, metavar="ACTION"
+    )
+    metrics_list = metrics_commands.add_parser("list", help="every metric: unit, source")
+    metrics_list.add_argument("--json", action="store_true", help="print JSON")
+    metrics_list.set_defaults(func=cmd_metrics_list)
+    metrics_query = metrics_commands.add_parser(
+        "query", help="the figures of the host and its running domains"
+    )
+    metrics_query.add_argument("domains", nargs="*", metavar="DOMAIN")
+    metrics_query.add_argument("--json", action="store_true", help="print JSON")
+    metrics_query.add_argument(
+        "--samples", type=_positive_number(int), default=1, help="how many readings"
+    )
+    metrics_query.add_argument(
+        "--period", type=_positive_number(float), default=1.0, help="seconds between readings"
+    )
+    metrics_query.set_defaults(func=cmd_metrics_query)
 
     status = commands.add_parser(
         "status", help="KSM pacing, its reason, and each worker's findings"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from pagefusion import guard, pacing, paths, supervision
+from pagefusion import config, exporter, guard, pacing, paths, supervision
 from pagefusion.connection import open_connection
 from pagefusion.element import NAMESPACE
 from pagefusion.errors import HostError, PagefusionError
@@ -52,6 +52,7 @@ class Daemon:
         ]
         self._callbacks: list[int] = []
         self._lock_fd: int | None = None
+        self.metrics_server = None
 
     # -- libvirt callbacks (event thread): queue only -----------------------
 
@@ -169,8 +170,16 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def _serve_metrics(self) -> None:
+        try:
+            self.metrics_server = exporter.serve(config.load().metrics_listen)
+        except PagefusionError as err:
+            # Metrics are for watching; enforcing the rule matters more.
+            log.warning("no metrics endpoint: %s", err)
+
     def run(self) -> None:
         self._take_pidfile()
+        self._serve_metrics()
         libvirt.virEventRegisterDefaultImpl()
         loop = threading.Thread(target=self._event_loop, name="libvirt-events", daemon=True)
         loop.start()

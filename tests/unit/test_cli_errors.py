@@ -30,5 +30,16 @@ def test_help_lists_only_working_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("install", "uninstall", "show", "set", "doctor", "daemon", "demo"):
+    commands = (
+        "install",
+        "uninstall",
+        "show",
+        "set",
+        "metrics",
+        "status",
+        "doctor",
+        "daemon",
+        "demo",
+    )
+    for command in commands:
         assert f"    {command} " in out
