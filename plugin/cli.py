@@ -4,6 +4,7 @@ delegates; errors print as one line and exit non-zero."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -23,11 +24,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     report = install(
         uri=args.connect, restart_libvirtd=args.restart_libvirtd, start_daemon=args.start_daemon
     )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
+        return 0
     for name in report.isolated:
         print(f"domain {name!r}: page fusion off, merging turned off in its definition")
     for name in report.mergeable_until_restart:
         print(f"domain {name!r} is running and stays mergeable until it is restarted")
-    print("pagefusion installed")
+    print(f"pagefusion installed (hook {'written' if report.hook_changed else 'unchanged'})")
     return 0
 
 
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="restart libvirtd so that it sees the hook (running guests keep running)",
     )
+    install.add_argument("--json", action="store_true", help="say what was done, in JSON")
     install.add_argument(
         "--start-daemon", action="store_true", help="start pagefusion's daemon if it is not running"
     )

@@ -64,8 +64,13 @@ def remove_hook() -> bool:
 
 @dataclass
 class IsolationReport:
+    """What an install did; ``isolated`` and ``mergeable_until_restart`` name domains."""
+
     isolated: list[str] = field(default_factory=list)
     mergeable_until_restart: list[str] = field(default_factory=list)
+    hook_changed: bool = False
+    libvirtd_restarted: bool = False
+    daemon_started: bool = False
 
 
 def isolate_existing_domains(conn: libvirt.virConnect) -> IsolationReport:
@@ -94,15 +99,20 @@ def isolate_existing_domains(conn: libvirt.virConnect) -> IsolationReport:
 def install(
     *, uri: str | None = None, restart_libvirtd: bool = False, start_daemon: bool = False
 ) -> IsolationReport:
+    from pagefusion.daemon import daemon_pid
+
     changed = install_hook()
     ksm.save_host_settings()
     paths.ensure_private_dir(paths.STATE_DIR)
     paths.ensure_private_dir(paths.RUN_DIR)
-    if restart_libvirtd and (changed or services.libvirtd_pid() is None):
+    restarted = restart_libvirtd and (changed or services.libvirtd_pid() is None)
+    if restarted:
         services.restart_libvirtd()
     report = isolate_existing_domains(open_connection(uri))
-    if start_daemon:
+    report.hook_changed, report.libvirtd_restarted = changed, restarted
+    if start_daemon and daemon_pid() is None:
         services.start_daemon()
+        report.daemon_started = True
     return report
 
 

@@ -30,10 +30,10 @@ options:
     description:
       - V(on) lets the kernel's KSM merge the domain's memory with that of other domains of
         the same group; V(off) keeps its memory out of merging.
-      - Write the value quoted in YAML, V("on") or V("off"); unquoted, they are booleans.
-    type: str
+      - YAML reads unquoted V(on) and V(off) as booleans; V(true), V(false) and the strings
+        V(on), V(off) are all accepted.
+    type: raw
     required: true
-    choices: ["on", "off"]
   group:
     description:
       - The page-fusion group of the domain. Domains are fused only with domains of the
@@ -153,6 +153,19 @@ from ansible_collections.pagefusion.libvirt.plugins.module_utils import pagefusi
 POLL_INTERVAL_S = 0.5
 
 
+STATES = {True: "on", False: "off", "on": "on", "off": "off", "true": "on", "false": "off",
+          "yes": "on", "no": "off"}  # fmt: skip
+
+
+def desired_state(module) -> str:
+    """``on`` or ``off`` from what the task gave, a YAML boolean included."""
+    given = module.params["state"]
+    state = STATES.get(given.lower() if isinstance(given, str) else given)
+    if state is None:
+        module.fail_json(msg=f"state {given!r} is not valid; use 'on' or 'off'")
+    return state
+
+
 def desired_value(module):
     """The PageFusion the task asks for, with the group checked."""
     group = module.params["group"]
@@ -161,7 +174,7 @@ def desired_value(module):
             common.element.check_group(group)
         except common.PagefusionError as err:
             common.fail(module, err)
-    return common.element.PageFusion(enabled=module.params["state"] == "on", group=group)
+    return common.element.PageFusion(enabled=desired_state(module) == "on", group=group)
 
 
 def fail_unchanged(module, result, msg: str) -> None:
@@ -225,7 +238,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True, aliases=["domain"]),
-            state=dict(type="str", required=True, choices=["on", "off"]),
+            state=dict(type="raw", required=True),
             group=dict(type="str"),
             shutdown=dict(type="bool", default=False),
             shutdown_timeout=dict(type="int", default=120),
