@@ -169,17 +169,17 @@ def stop_daemon_and_workers() -> None:
 
 
 def clear_ksm(strategy: str) -> None:
-    """Unmerge everything. pagefusion's workers keep running, as they do on a
-    host whose KSM state is cleared; the baselines run without them."""
-    if strategy == "pagefusion":
-        stop_daemon()
-    else:
+    """Unmerge everything. pagefusion's daemon and workers keep running, as on
+    a host whose KSM state is cleared; the baselines run without them."""
+    if strategy != "pagefusion":
         stop_daemon_and_workers()
     # Zero pages count apart (ksm_zero_pages), for every strategy alike.
     ksm.write_value("use_zero_pages", 1)
+    # Writing 2 unmerges every page before the write returns.
     ksm.write_value("run", ksm.RUN_UNMERGE)
     testbed.eventually(lambda: fused_pages() == 0, 120.0, 0.5)
-    ksm.write_value("run", ksm.RUN_STOP)
+    if strategy != "pagefusion":
+        ksm.write_value("run", ksm.RUN_STOP)
 
 
 def time_to(target: int, started: float, deadline: float, meter: CpuMeter) -> float | None:
@@ -199,11 +199,14 @@ class Result:
     t80_s: float | None
     phase1_cpu_s: float
     late_saving_pages: int
+    late_boot_s: float
     late_t80_s: float | None
     phase2_cpu_s: float
 
 
 def run_strategy(name, factory, args) -> Result:
+    if name == "pagefusion":
+        services.start_daemon()
     clear_ksm(name)
     specs = [factory.spec(GROUP, **args.guest) for _ in range(args.guests)]
     for spec in specs:
@@ -234,7 +237,7 @@ def run_strategy(name, factory, args) -> Result:
     meter.begin()
     started = time.monotonic()
     factory.define(late).create()
-    guests.wait_until_booted(late)
+    late_boot_s = round(guests.wait_until_booted(late), 1)
     if name != "pagefusion":
         stop_daemon_and_workers()  # the hook started a worker; baselines run without
     pids.append(runstate.qemu_pid_of(late.name))
@@ -252,7 +255,7 @@ def run_strategy(name, factory, args) -> Result:
         naive.stop.set()
     factory.cleanup()
     return Result(
-        name, achievable, t50, t80, round(phase1_cpu, 1), late_saving, late_t80,
+        name, achievable, t50, t80, round(phase1_cpu, 1), late_saving, late_boot_s, late_t80,
         round(phase2_cpu, 1),
     )  # fmt: skip
 
@@ -290,13 +293,14 @@ def main() -> None:
     )
     header = (
         f"{'strategy':<11} {'achievable':>10} {'t50 s':>6} {'t80 s':>6} {'cpu1 s':>7}"
-        f" {'late pages':>10} {'late t80 s':>10} {'cpu2 s':>7}"
+        f" {'late pages':>10} {'boot s':>6} {'late t80 s':>10} {'cpu2 s':>7}"
     )
     print(header)
     for r in results:
         print(
             f"{r.strategy:<11} {r.achievable_pages:>10} {r.t50_s!s:>6} {r.t80_s!s:>6}"
-            f" {r.phase1_cpu_s:>7} {r.late_saving_pages:>10} {r.late_t80_s!s:>10}"
+            f" {r.phase1_cpu_s:>7} {r.late_saving_pages:>10} {r.late_boot_s:>6}"
+            f" {r.late_t80_s!s:>10}"
             f" {r.phase2_cpu_s:>7}"
         )
     by_name = {r.strategy: r for r in results}

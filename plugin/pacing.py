@@ -44,10 +44,14 @@ SLOW_SLEEP_MS = 500
 # The backlog counts as small below this many pages, or this share of the fusible total.
 BACKLOG_SMALL_PAGES = 256
 BACKLOG_SMALL_SHARE = 0.05
-# Fast scanning gives up when fused memory has not grown for this long (a few
-# full scans), until the workers find more fusible memory than at that point.
-PLATEAU_S = max(3.0, 8 * FAST_FULL_SCAN_S)
+# Fast scanning gives up when fused memory has not grown over this many full
+# scans (KSM's own full_scans counter: a busy ksmd takes longer per scan than
+# asked), until the workers find more fusible memory than at that point.
+PLATEAU_FULL_SCANS = 3
 MIN_FAST_PAGES_TO_SCAN = 1000
+# A domain whose memory has not settled (a guest booting) keeps KSM fast for
+# at most this long after its worker started.
+SETTLING_LIMIT_S = 60.0
 MAX_PAGES_TO_SCAN = 50000
 
 
@@ -82,26 +86,38 @@ class Pacer:
     def __init__(self) -> None:
         self.mode = "idle"
         self.best_fused = 0
-        self.best_fused_at = time.monotonic()
+        self.best_fused_scan = 0
         self.plateau_fusible: int | None = None
 
     def decide(self, reports: list[Report], counters: dict[str, int], domains: int) -> Decision:
-        now = time.monotonic()
         fused = counters.get("pages_sharing", 0) + counters.get("ksm_zero_pages", 0)
         fusible = sum(r.cycle.get("pages_fusible", 0) for r in reports)
         backlog = max(0, fusible - fused)
         mergeable = sum(r.pages_total for r in reports)
+        now = time.time()
         unmeasured = domains - sum(1 for r in reports if r.measured)
+        settling = sum(
+            1
+            for r in reports
+            if r.measured and not r.settled and now - r.started_at < SETTLING_LIMIT_S
+        )
 
-        if fused > self.best_fused:
-            self.best_fused, self.best_fused_at = fused, now
+        full_scans = counters.get("full_scans", 0)
         margin = max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * fusible)
-        stalled = self.mode == "fast" and now - self.best_fused_at > PLATEAU_S
+        if fused < self.best_fused - margin:
+            # Fused memory fell (KSM was cleared, domains stopped): what was
+            # learnt about the plateau no longer holds.
+            self.best_fused, self.plateau_fusible = fused, None
+        if fused > self.best_fused:
+            self.best_fused, self.best_fused_scan = fused, full_scans
+        stalled = self.mode == "fast" and full_scans - self.best_fused_scan >= PLATEAU_FULL_SCANS
 
         if domains == 0:
             mode, reason = "idle", "no page-fusion domain runs"
         elif unmeasured > 0:
             mode, reason = "fast", f"{unmeasured} domain(s) not measured yet by their worker"
+        elif settling > 0:
+            mode, reason = "fast", f"{settling} domain(s) starting, their memory not settled yet"
         elif backlog <= margin:
             mode, reason = "slow", f"backlog of {backlog} pages is small"
         elif self.plateau_fusible is not None and fusible <= self.plateau_fusible + margin:
@@ -125,8 +141,8 @@ class Pacer:
             mode, reason = "fast", f"backlog of {backlog} fusible pages not yet fused"
 
         if mode == "fast" and self.mode != "fast":
-            # A new start: give fused memory its full time to grow again.
-            self.best_fused_at, self.plateau_fusible = now, None
+            # A new start: give fused memory its full scans to grow again.
+            self.best_fused_scan, self.plateau_fusible = full_scans, None
         self.mode = mode
         if mode == "fast":
             run, pages, sleep = ksm.RUN_MERGE, fast_pages_to_scan(mergeable), FAST_SLEEP_MS

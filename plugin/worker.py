@@ -148,6 +148,10 @@ class Report:
     # never of pages_fusible.
     pages_unpopulated: int = 0
     cycles: int = 0
+    # False while the fusible count still moves from one cycle to the next,
+    # as it does while a guest boots.
+    settled: bool = False
+    started_at: float = field(default_factory=time.time)
     cycle: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0
     updated: float = 0.0
@@ -275,6 +279,7 @@ class Worker:
                     cycle["pages_fusible_zero"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     before = report.cycle.get("pages_fusible") if report.cycles else None
                     interval_s = next_interval(interval_s, before, cycle["pages_fusible"])
+                    report.settled = interval_s > MIN_PASS_INTERVAL_S
                     report.cycle, report.cycles = dict(cycle), report.cycles + 1
                     report.pages_total = counters.pages_total
                     report.pages_unpopulated = unpopulated

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pagefusion import ksm, pacing
+from pagefusion import ksm, pacing, worker
 from pagefusion.worker import Report
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(pacing.time, "monotonic", clock)
-    return clock
-
-
-def report(fusible: int, total: int = 65536, measured: bool = True) -> Report:
+def report(
+    fusible: int, total: int = 65536, measured: bool = True, settled: bool = True
+) -> Report:
     return Report(
         uuid="u",
         name="vm",
@@ -32,26 +19,36 @@ def report(fusible: int, total: int = 65536, measured: bool = True) -> Report:
         worker_pid=2,
         pages_total=total,
         cycles=1 if measured else 0,
+        settled=settled,
         cycle={"pages_fusible": fusible} if measured else {},
     )
 
 
-def fused(pages: int) -> dict[str, int]:
-    return {"pages_sharing": pages, "ksm_zero_pages": 0}
+def fused(pages: int, full_scans: int = 0) -> dict[str, int]:
+    return {"pages_sharing": pages, "ksm_zero_pages": 0, "full_scans": full_scans}
 
 
-def test_no_domain_stops_ksm_keeping_merged_pages(clock):
+def test_no_domain_stops_ksm_keeping_merged_pages():
     decision = pacing.Pacer().decide([], fused(500), domains=0)
     assert decision.mode == "idle" and decision.run == ksm.RUN_STOP
 
 
-def test_a_domain_not_measured_yet_scans_fast(clock):
+def test_a_domain_not_measured_yet_scans_fast():
     decision = pacing.Pacer().decide([report(0, measured=False)], fused(0), domains=1)
     assert decision.mode == "fast" and decision.run == ksm.RUN_MERGE
     assert decision.smart_scan == 0
 
 
-def test_a_large_backlog_scans_all_memory_about_every_second(clock):
+def test_a_booting_domain_keeps_ksm_fast_for_a_while():
+    decision = pacing.Pacer().decide([report(100, settled=False)], fused(100), domains=1)
+    assert decision.mode == "fast" and "not settled" in decision.reason
+
+    old = report(100, settled=False)
+    old.started_at -= pacing.SETTLING_LIMIT_S + 1
+    assert pacing.Pacer().decide([old], fused(100), domains=1).mode == "slow"
+
+
+def test_a_large_backlog_scans_all_memory_several_times_a_second():
     decision = pacing.Pacer().decide([report(40000), report(40000)], fused(1000), domains=2)
     assert decision.mode == "fast"
     assert decision.backlog_pages == 79000
@@ -60,36 +57,42 @@ def test_a_large_backlog_scans_all_memory_about_every_second(clock):
     assert full_scans_per_s == pytest.approx(1 / pacing.FAST_FULL_SCAN_S, rel=0.01)
 
 
-def test_a_small_backlog_scans_slowly(clock):
+def test_a_small_backlog_scans_slowly():
     decision = pacing.Pacer().decide([report(40000)], fused(39900), domains=1)
     assert decision.mode == "slow"
     assert (decision.pages_to_scan, decision.sleep_millisecs) == (100, 500)
     assert decision.smart_scan == 1
 
 
-def test_fused_memory_that_stops_growing_ends_fast_scanning_until_more_is_found(clock):
+def test_fused_memory_that_stops_growing_ends_fast_scanning_until_more_is_found():
     pacer = pacing.Pacer()
-    assert pacer.decide([report(50000)], fused(30000), domains=1).mode == "fast"
-    clock.now += 2
-    assert pacer.decide([report(50000)], fused(43000), domains=1).mode == "fast"
-    clock.now += pacing.PLATEAU_S + 0.1
-    stalled = pacer.decide([report(50000)], fused(43000), domains=1)
+    assert pacer.decide([report(50000)], fused(30000, 10), domains=1).mode == "fast"
+    assert pacer.decide([report(50000)], fused(43000, 12), domains=1).mode == "fast"
+    # A busy ksmd: time passes, but fewer full scans than the plateau needs.
+    assert pacer.decide([report(50000)], fused(43000, 14), domains=1).mode == "fast"
+    stalled = pacer.decide([report(50000)], fused(43000, 15), domains=1)
     assert stalled.mode == "slow"
     assert "stopped growing at 43000 pages" in stalled.reason
 
     # It stays slow while the workers report about the same...
-    clock.now += 30
-    assert pacer.decide([report(50100)], fused(43000), domains=1).mode == "slow"
+    assert pacer.decide([report(50100)], fused(43000, 16), domains=1).mode == "slow"
     # ...and scans fast again once they find clearly more.
-    clock.now += 1
-    assert pacer.decide([report(60000)], fused(43000), domains=1).mode == "fast"
+    assert pacer.decide([report(60000)], fused(43000, 17), domains=1).mode == "fast"
 
 
-def test_a_late_arrival_scans_fast_after_a_plateau(clock):
+def test_a_late_arrival_scans_fast_after_a_plateau():
     pacer = pacing.Pacer()
-    pacer.decide([report(50000)], fused(43000), domains=1)
-    clock.now += pacing.PLATEAU_S + 0.1
-    assert pacer.decide([report(50000)], fused(43000), domains=1).mode == "slow"
-    late = pacer.decide([report(50000), report(0, measured=False)], fused(43000), domains=2)
+    pacer.decide([report(50000)], fused(43000, 1), domains=1)
+    assert pacer.decide([report(50000)], fused(43000, 5), domains=1).mode == "slow"
+    late = pacer.decide([report(50000), report(0, measured=False)], fused(43000, 5), domains=2)
     assert late.mode == "fast"
     assert "not measured yet" in late.reason
+
+
+def test_a_worker_looks_less_often_while_the_guest_is_settled():
+    interval = worker.next_interval(worker.MIN_PASS_INTERVAL_S, None, 1000)
+    assert interval == worker.MIN_PASS_INTERVAL_S
+    for _ in range(10):
+        interval = worker.next_interval(interval, 1000, 1005)
+    assert interval == worker.MAX_PASS_INTERVAL_S
+    assert worker.next_interval(interval, 1000, 1500) == worker.MIN_PASS_INTERVAL_S
