@@ -448,6 +448,27 @@ static inline uint64_t list_addr(const uint64_t *addrs, uint64_t base,
 	return addrs ? addrs[i] : base + (uint64_t)i * PF_PAGE_SIZE;
 }
 
+#define PAGEMAP_PRESENT		(1ULL << 63)
+#define PAGEMAP_PFN_MASK	((1ULL << 55) - 1)
+
+size_t pf_count_zero_mappings(const uint64_t *entries, size_t nr_entries,
+			      uint64_t zero_pfn, uint64_t huge_zero_pfn,
+			      uint64_t nr_huge_zero)
+{
+	size_t count = 0;
+
+	for (size_t i = 0; i < nr_entries; i++) {
+		uint64_t pfn = entries[i] & PAGEMAP_PFN_MASK;
+
+		if (!(entries[i] & PAGEMAP_PRESENT) || !pfn)
+			continue;
+		/* Unsigned wrap makes one compare test the whole range. */
+		if (pfn == zero_pfn || pfn - huge_zero_pfn < nr_huge_zero)
+			count++;
+	}
+	return count;
+}
+
 /* Open the memory of process @pid for reading; a negative errno on failure. */
 static int open_process_memory(int pid)
 {

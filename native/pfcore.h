@@ -218,6 +218,17 @@ int pf_fingerprint_pages(const uint8_t *key, const void *pages,
 int pf_page_is_zero(const void *page);
 
 /*
+ * Count the /proc/PID/pagemap entries that map the kernel's zero page
+ * (zero_pfn) or one page of its huge zero page (nr_huge_zero pages from
+ * huge_zero_pfn; 0 if there is none).  Such pages read as zeros but cost no
+ * RAM and KSM never merges them.  Entries without the present bit (63) are
+ * not counted.
+ */
+size_t pf_count_zero_mappings(const uint64_t *entries, size_t nr_entries,
+			      uint64_t zero_pfn, uint64_t huge_zero_pfn,
+			      uint64_t nr_huge_zero);
+
+/*
  * Read nr_pages pages starting at remote_addr (page aligned) of process pid
  * into dst.  page_ok (may be NULL) gets 1 per page read and 0 per page that
  * could not be read; the copy of such a page is zero-filled.  bytes_read

@@ -44,6 +44,9 @@ struct pf_scanner;
 int pf_fingerprint_pages(const uint8_t *key, const void *pages,
 			 size_t nr_pages, uint64_t *fps);
 int pf_page_is_zero(const void *page);
+size_t pf_count_zero_mappings(const uint64_t *entries, size_t nr_entries,
+                              uint64_t zero_pfn, uint64_t huge_zero_pfn,
+                              uint64_t nr_huge_zero);
 
 ssize_t pf_read_pages(int pid, uint64_t remote_addr, size_t nr_pages,
 		      void *dst, uint8_t *page_ok, uint64_t *bytes_read);

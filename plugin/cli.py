@@ -13,7 +13,7 @@ import libvirt
 
 from pagefusion import __version__, connection, metricsview, settings
 from pagefusion.element import PageFusion, check_group
-from pagefusion.errors import PagefusionError
+from pagefusion.errors import PagefusionError, single_line
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, like every other error."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"pagefusion: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"pagefusion: {single_line(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

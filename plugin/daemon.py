@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from pagefusion import config, exporter, guard, pacing, paths, supervision
+from pagefusion import config, exporter, guard, ledger, pacing, paths, supervision
 from pagefusion.connection import open_connection
 from pagefusion.element import NAMESPACE
 from pagefusion.errors import HostError, PagefusionError
@@ -100,8 +100,12 @@ class Daemon:
             log.warning("domain %s: %s", uuid, err)
 
     def reconcile_all(self) -> None:
-        for dom in self.conn.listAllDomains():
-            self._reconcile(dom.UUIDString())
+        uuids = [dom.UUIDString() for dom in self.conn.listAllDomains()]
+        for uuid in uuids:
+            self._reconcile(uuid)
+        removed = ledger.prune(set(uuids))
+        if removed:
+            log.info("forgot %d ledger entries of long-gone domains", removed)
 
     def _drain(self) -> bool:
         """Reconcile queued domains; False when the connection must be renewed."""

@@ -39,6 +39,11 @@ def _schema() -> etree.RelaxNG:
     return etree.RelaxNG(etree.fromstring(text))
 
 
+def one_line(text: str) -> str:
+    """Messages from libxml2 may span lines; ours never do."""
+    return " ".join(text.split())
+
+
 def check_group(group: str) -> str:
     """Return ``group`` if it is a valid group name, else raise ElementError."""
     if not GROUP_PATTERN.fullmatch(group):
@@ -94,7 +99,7 @@ class PageFusion:
 
         schema = _schema()
         if not schema.validate(element):
-            first = schema.error_log.filter_from_errors()[0].message
+            first = one_line(schema.error_log.filter_from_errors()[0].message)
             raise ElementError(f"domain {domain!r}: invalid <{PREFIX}:{LOCAL_NAME}>: {first}")
         return cls(enabled=state == "on", group=group)
 
@@ -156,7 +161,7 @@ def parse_domain(domain_xml: str | bytes) -> etree._Element:
     try:
         root = etree.fromstring(domain_xml, parser)
     except etree.XMLSyntaxError as err:
-        raise ElementError(f"domain XML is not well-formed: {err}") from None
+        raise ElementError(f"domain XML is not well-formed: {one_line(str(err))}") from None
     if root.tag != "domain":
         raise ElementError(f"expected a <domain> document, found <{root.tag}>")
     return root

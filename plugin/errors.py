@@ -5,8 +5,22 @@ it; the CLI and the hook print ``str(error)`` as a single line.
 """
 
 
+def single_line(text: str) -> str:
+    """``text`` with unprintable characters (line breaks among them) escaped: a
+    domain name or an argument may hold one, and a message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 class PagefusionError(Exception):
-    """Root of every error pagefusion raises on purpose."""
+    """Root of every error pagefusion raises on purpose; its message is one line."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(single_line(str(message)))
 
 
 class ElementError(PagefusionError):

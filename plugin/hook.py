@@ -96,7 +96,7 @@ def run(argv: list[str], domain_xml: str) -> tuple[Verdict, str]:
         log.debug("internal error in the hook", exc_info=True)
         if operation in REFUSING_OPERATIONS:
             return Verdict(False, f"internal error in pagefusion's hook: {err!r}"), ""
-        return Verdict(True, f"internal error: {err!r}"), ""
+        return Verdict(True, f"internal error: {err!r}"), ""  # repr: one line
     return Verdict(True), output
 
 

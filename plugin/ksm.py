@@ -32,6 +32,11 @@ def available() -> bool:
     return (SYSFS / "run").exists()
 
 
+def writable() -> bool:
+    """True if KSM is there and this process may change it (root, not read-only)."""
+    return available() and os.access(SYSFS / "run", os.W_OK)
+
+
 def read_value(name: str) -> int | str:
     """One KSM sysfs file, as an int when it is a number."""
     try:

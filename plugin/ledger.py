@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,27 @@ def accept(uuid: str, name: str, value: PageFusion, *, confirmed: bool) -> None:
         log.info("domain %r: slipped page-fusion change settled as %s", name, value.describe())
         entry.slipped_from = entry.slipped_to = None
     save(entry)
+
+
+# Entries of domains libvirt no longer knows are kept this long: a saved
+# image of a transient domain may still be restored and checked against one.
+FORGET_AFTER_S = 30 * 24 * 3600
+
+
+def prune(known_uuids: set[str]) -> int:
+    """Remove old entries of domains that no longer exist; return how many."""
+    removed = 0
+    cutoff = time.time() - FORGET_AFTER_S
+    try:
+        entries = list(ledger_dir().glob("*.json"))
+    except OSError:
+        return 0
+    for path in entries:
+        with contextlib.suppress(OSError):
+            if path.stem not in known_uuids and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from pagefusion import domainxml, element, ksm, ledger, paths, runstate, supervision
+from pagefusion import config, domainxml, element, ksm, ledger, paths, runstate, supervision
 from pagefusion.element import PageFusion
-from pagefusion.errors import PagefusionError, RuleError
+from pagefusion.errors import HostError, PagefusionError, RuleError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def check_merge_setting(call: HookCall) -> None:
 
 # A record still "prepared" after this long belongs to a start that died.
 PREPARE_STALE_S = 600.0
+# A hook waits this long at most for another hook's host-wide decision.
+HOST_LOCK_TIMEOUT_S = 20.0
 
 
 def _is_live(record: runstate.DomainRecord) -> bool:
@@ -102,7 +104,10 @@ def check_slipped_change(call: HookCall) -> None:
     if not entry.slipped:
         return
     if call.page_fusion != entry.slipped_to:
-        ledger.accept(call.uuid, call.name, call.page_fusion, confirmed=False)
+        try:
+            ledger.accept(call.uuid, call.name, call.page_fusion, confirmed=False)
+        except OSError as err:
+            log.warning("domain %r: could not settle the slipped change: %s", call.name, err)
         return
     wanted = entry.slipped_to.state
     kept = entry.slipped_from.state if entry.slipped_from else "off"
@@ -114,17 +119,55 @@ def check_slipped_change(call: HookCall) -> None:
     )
 
 
+def check_ksm(call: HookCall) -> None:
+    """Apply the configured policy to a page-fusion domain on a host without usable KSM."""
+    if ksm.writable():
+        return
+    reason = "read-only" if ksm.available() else "missing (no CONFIG_KSM in the kernel)"
+    if config.load().ksm_unavailable == "allow":
+        log.warning("domain %r starts unfused: KSM is %s", call.name, reason)
+        return
+    raise RuleError(
+        f"domain {call.name!r} has page fusion on, but KSM is {reason} on this host"
+        f" ({ksm.SYSFS}); start it with page fusion off ('pagefusion set {call.name} off'),"
+        f" or set 'unavailable = allow' under [ksm] in {config.CONFIG_PATH} to run it unfused"
+    )
+
+
+def _record(call: HookCall) -> runstate.DomainRecord:
+    value = call.page_fusion
+    return runstate.DomainRecord(
+        name=call.name, uuid=call.uuid, enabled=value.enabled, group=value.group
+    )
+
+
 def on_prepare(call: HookCall) -> None:
     value = call.page_fusion
     check_slipped_change(call)
     check_merge_setting(call)
 
-    with runstate.host_lock():
-        check_group(call)
-        record = runstate.DomainRecord(
-            name=call.name, uuid=call.uuid, enabled=value.enabled, group=value.group
-        )
-        runstate.save(record)
+    if not value.enabled:
+        # Fails open: a domain kept out of merging is safe whatever happens
+        # to pagefusion's state directory.
+        try:
+            runstate.save(_record(call))
+        except OSError as err:
+            log.warning("domain %r starts unrecorded: %s", call.name, err)
+        return
+
+    check_ksm(call)
+    # Fails closed: without its record the group rule cannot be kept.
+    try:
+        with runstate.host_lock(timeout_s=HOST_LOCK_TIMEOUT_S):
+            check_group(call)
+            runstate.save(_record(call))
+    except (OSError, HostError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise RuleError(
+            f"domain {call.name!r} has page fusion on, but pagefusion cannot record it in"
+            f" {paths.RUN_DIR} ({detail}), so the page-fusion group rule cannot be kept;"
+            f" free space in or fix {paths.RUN_DIR}, or start the domain with page fusion off"
+        ) from None
     log.debug("domain %r prepared with page fusion %s", call.name, value.describe())
 
 

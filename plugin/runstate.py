@@ -17,13 +17,13 @@ import logging
 import os
 import re
 import time
-import xml.sax.saxutils
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pagefusion import paths
 from pagefusion.element import PageFusion
+from pagefusion.errors import HostError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class DomainRecord:
         return True
 
 
+_XML_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"}
 _STATUS_PID = re.compile(rb"<domstatus\b[^>]*\bpid=['\"](\d+)['\"]")
 
 
@@ -76,7 +77,7 @@ def qemu_pid_of(name: str) -> int | None:
             return int(found.group(1))
     except OSError:
         pass
-    escaped = xml.sax.saxutils.escape(name, {'"': "&quot;", "'": "&apos;"})
+    escaped = "".join(_XML_ESCAPES.get(char, char) for char in name)
     for candidate in dict.fromkeys((name, escaped)):
         try:
             return int(paths.qemu_pidfile(candidate).read_text().strip())
@@ -93,14 +94,19 @@ def _path(uuid: str) -> Path:
     return records_dir() / f"{uuid}.json"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new file."""
+def write_atomically(path: Path, content: str | bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``content``, root-only, so that readers see the old
+    or the new file. ``sync`` makes it survive a crash (not needed under /run)."""
     paths.ensure_private_dir(path.parent)
+    data = content.encode() if isinstance(content, str) else content
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temporary, path)
@@ -139,16 +145,28 @@ def all_records() -> list[DomainRecord]:
 
 
 @contextlib.contextmanager
-def host_lock() -> Iterator[None]:
+def host_lock(timeout_s: float = 20.0) -> Iterator[None]:
     """Serialise decisions that depend on what else runs on the host.
 
     Two domains can be prepared at the same moment (libvirt runs their jobs
-    in parallel); the group rule must see the one that won.
+    in parallel); the group rule must see the one that won. A holder that
+    hangs must not hang every later start: past ``timeout_s`` this raises
+    HostError.
     """
     paths.ensure_private_dir(paths.host_lock().parent)
     fd = os.open(paths.host_lock(), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HostError(
+                        f"{paths.host_lock()} stayed locked for {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)

@@ -253,6 +253,26 @@ def page_is_zero(page: object) -> bool:
     return bool(lib.pf_page_is_zero(ffi.from_buffer(view)))
 
 
+def count_zero_mappings(
+    entries: array.array[int], zero_pfn: int, huge_zero_pfn: int, nr_huge_zero: int
+) -> int:
+    """How many present pagemap ``entries`` map the zero page or the huge zero page."""
+    if not isinstance(entries, array.array) or entries.typecode != "Q":
+        raise ScanInputError("pagemap entries must be an array.array of type 'Q'")
+    for name, value in (("zero_pfn", zero_pfn), ("huge_zero_pfn", huge_zero_pfn),
+                        ("nr_huge_zero", nr_huge_zero)):  # fmt: skip
+        if not isinstance(value, int) or value < 0:
+            raise ScanInputError(f"{name} must be a non-negative int, got {value!r}")
+    if not entries:
+        return 0
+    return int(
+        lib.pf_count_zero_mappings(
+            ffi.from_buffer("uint64_t[]", entries), len(entries), zero_pfn, huge_zero_pfn,
+            nr_huge_zero,
+        )
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- scanner
 
 

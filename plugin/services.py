@@ -68,7 +68,7 @@ def _socket_answers() -> bool:
     return True
 
 
-def _fix_kvm_device() -> None:
+def fix_kvm_device() -> None:
     # Without udev /dev/kvm stays root:root 0600: libvirt's probe sees KVM but
     # QEMU, run as libvirt-qemu, cannot open it, and libvirtd then re-probes
     # QEMU on every call. Give it the ownership udev would.
@@ -114,7 +114,7 @@ def start_libvirt() -> None:
         _wait_for(_socket_answers, "libvirtd answering on its socket")
         return
 
-    _fix_kvm_device()
+    fix_kvm_device()
     if _pid_from(VIRTLOGD_PIDFILE) is None:
         subprocess.run(["virtlogd", "-d"], check=True)
         log.info("started virtlogd")

@@ -86,41 +86,76 @@ def load_or_create_key() -> bytes:
 
 
 PAGEMAP_PRESENT = 1 << 63
-PAGEMAP_SOFT_DIRTY = 1 << 55
 PAGEMAP_PFN_MASK = (1 << 55) - 1
+HUGE_PAGE_SIZE = 2 << 20
+
+
+@dataclass(frozen=True)
+class ZeroPages:
+    """Where the kernel's zero page and huge zero page are (page frame numbers)."""
+
+    zero_pfn: int = 0
+    huge_zero_pfn: int = 0
+    nr_huge_zero: int = 0
+
+    def covers(self, entry: int) -> bool:
+        """Whether a pagemap entry maps one of them."""
+        pfn = entry & PAGEMAP_PFN_MASK
+        if not entry & PAGEMAP_PRESENT or not pfn:
+            return False
+        return pfn == self.zero_pfn or 0 <= pfn - self.huge_zero_pfn < self.nr_huge_zero
+
+
+def _own_pfn(address: int) -> int:
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(address // mmap.PAGESIZE * 8)
+        entry = int.from_bytes(pagemap.read(8), "little")
+    return entry & PAGEMAP_PFN_MASK if entry & PAGEMAP_PRESENT else 0
 
 
 @functools.cache
-def zero_page_entry() -> int:
-    """The pagemap entry of a mapping of the kernel's shared zero page.
+def zero_pages() -> ZeroPages:
+    """Find the zero pages by read-faulting untouched memory of our own.
 
-    Read faults on untouched anonymous memory (ours when we read a guest's
-    RAM, too) map that one page: it reads as zeros but costs no RAM, and KSM
-    never merges it, so it must not count as fusible. Found by reading our
-    own untouched page.
+    Read faults on untouched anonymous memory (a guest's too, when we read
+    it) map the kernel's zero page, or in huge-page areas its huge zero
+    page: they read as zeros but cost no RAM and KSM never merges them, so
+    they must not count as fusible. PFNs are hidden without CAP_SYS_ADMIN:
+    then nothing is found and nothing is left out.
     """
-    with mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as page:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    with mmap.mmap(-1, mmap.PAGESIZE, flags=flags) as page:
         page[0]  # fault in the zero page
-        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-        with open("/proc/self/pagemap", "rb") as pagemap:
-            pagemap.seek(address // mmap.PAGESIZE * 8)
-            entry = int.from_bytes(pagemap.read(8), "little")
-    if not entry & PAGEMAP_PRESENT or not entry & PAGEMAP_PFN_MASK:
-        return 0  # PFNs hidden (no CAP_SYS_ADMIN): cannot tell, count none
-    return entry & (PAGEMAP_PRESENT | PAGEMAP_PFN_MASK)
+        zero_pfn = _own_pfn(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+
+    huge_zero_pfn = nr_huge_zero = 0
+    with mmap.mmap(-1, 2 * HUGE_PAGE_SIZE, flags=flags) as area:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        offset = -start % HUGE_PAGE_SIZE
+        with contextlib.suppress(OSError, AttributeError):
+            area.madvise(mmap.MADV_HUGEPAGE, offset, HUGE_PAGE_SIZE)
+        area[offset]
+        first, second = _own_pfn(start + offset), _own_pfn(start + offset + mmap.PAGESIZE)
+        if first and first != zero_pfn and second == first + 1:
+            huge_zero_pfn, nr_huge_zero = first, HUGE_PAGE_SIZE // mmap.PAGESIZE
+    return ZeroPages(zero_pfn, huge_zero_pfn, nr_huge_zero)
 
 
 def count_zero_page_mappings(pid: int, regions) -> int:
-    """Pages of the guest RAM that map the shared zero page (never written)."""
-    entry = zero_page_entry()
-    if not entry:
+    """Pages of the guest RAM that map the zero page or huge zero page (never written)."""
+    from pagefusion import scanner
+
+    zeros = zero_pages()
+    if not zeros.zero_pfn:
         return 0
     total = 0
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
         for region in regions:
             pagemap.seek(region.start // mmap.PAGESIZE * 8)
             entries = array.array("Q", pagemap.read(region.pages * 8))
-            total += entries.count(entry) + entries.count(entry | PAGEMAP_SOFT_DIRTY)
+            total += scanner.count_zero_mappings(
+                entries, zeros.zero_pfn, zeros.huge_zero_pfn, zeros.nr_huge_zero
+            )
     return total
 
 
@@ -144,7 +179,7 @@ class Report:
     qemu_pid: int
     worker_pid: int
     pages_total: int = 0
-    # Zero pages that only map the kernel's zero page: part of pages_zero,
+    # Zero pages that only map the kernel's zero page or huge zero page: part of pages_zero,
     # never of pages_fusible.
     pages_unpopulated: int = 0
     cycles: int = 0
@@ -237,16 +272,19 @@ class Worker:
                 scanner.drop_foreign(pid)
 
     def _publish(self, scanner, report: Report) -> None:
-        runstate.write_atomically(report_path(self.record.uuid), json.dumps(asdict(report)))
-        directory = paths.ensure_private_dir(index_dir(self.group))
-        temporary = directory / f".{self.record.uuid}.tmp"
-        temporary.write_bytes(scanner.fingerprints())
-        os.replace(temporary, directory / f"{self.record.uuid}.fp")
+        # Under /run (tmpfs): nothing to gain from fsync.
+        runstate.write_atomically(
+            report_path(self.record.uuid), json.dumps(asdict(report)), sync=False
+        )
+        runstate.write_atomically(
+            index_dir(self.group) / f"{self.record.uuid}.fp", scanner.fingerprints(), sync=False
+        )
 
     def run(self, qemu_pidfd: int) -> None:
         from pagefusion import scanner as native
 
         key = load_or_create_key()
+        paths.ensure_private_dir(index_dir(self.group).parent)
         budget = self.settings.worker_cpu_budget
         bucket = TokenBucket(rate=budget, capacity=budget * BUDGET_WINDOW_S)
         report = Report(

@@ -13,7 +13,7 @@ packages=(
 	libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
 	tini busybox-static linux-image-cloud-amd64
 	python3 python3-venv python3-dev gcc pkg-config
-	openssh-server openssh-client
+	openssh-server openssh-client strace
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -21,7 +21,7 @@ PAGE = 4096
 
 
 def _snapshot(pid: int) -> dict[int, bytes]:
-    zero_entry = worker.zero_page_entry()
+    zeros = worker.zero_pages()
     digests: dict[int, bytes] = {}
     memory = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
@@ -32,8 +32,7 @@ def _snapshot(pid: int) -> dict[int, bytes]:
                 "Q", os.pread(pagemap, region.pages * 8, region.start // PAGE * 8)
             )
             for i in range(region.pages):
-                entry = entries[i] & ~worker.PAGEMAP_SOFT_DIRTY
-                if not entry & worker.PAGEMAP_PRESENT or entry == zero_entry:
+                if not entries[i] & worker.PAGEMAP_PRESENT or zeros.covers(entries[i]):
                     continue
                 page = data[i * PAGE : (i + 1) * PAGE]
                 digests[region.start + i * PAGE] = hashlib.blake2b(page, digest_size=16).digest()

@@ -29,7 +29,6 @@ one per machine.
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
 import shutil
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
+
+from pagefusion import services
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,6 @@ def free_loopback_port(first: int = 2201, last: int = 2299) -> int:
                 continue
             return port
     raise HostStartError(f"no free loopback port between {first} and {last}")
-
-
-def give_kvm_to_group() -> None:
-    # Without udev /dev/kvm stays root-only: libvirtd then sees KVM, cannot
-    # use it as libvirt-qemu, and probes QEMU again on every call.
-    kvm = Path("/dev/kvm")
-    with contextlib.suppress(KeyError, FileNotFoundError):
-        os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
-        kvm.chmod(0o660)
 
 
 def _copy_skeleton(source: Path, target: Path, depth: int) -> None:
@@ -202,7 +194,7 @@ class NamespaceHost:
     def start(self) -> None:
         self._prepare_dirs()
         self._start_keeper()
-        give_kvm_to_group()
+        services.fix_kvm_device()
         self.run_inside(["virtlogd", "-d"])
         self.start_libvirtd()
         self.start_sshd()

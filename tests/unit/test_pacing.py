@@ -8,9 +8,7 @@ from pagefusion import ksm, pacing, worker
 from pagefusion.worker import Report
 
 
-def report(
-    fusible: int, total: int = 65536, measured: bool = True, settled: bool = True
-) -> Report:
+def report(fusible: int, total: int = 65536, measured: bool = True, settled: bool = True) -> Report:
     return Report(
         uuid="u",
         name="vm",

@@ -1,0 +1,79 @@
+"""What pagefusion's hook adds to a domain's start, measured side by side.
+
+Starts and destroys the same small page-fusion guest N times with the hook
+installed, then N times with it removed (libvirtd restarted each way, since
+it reads its hooks only when it starts), and compares the median time of
+``virDomainCreate``, which returns once libvirt has run the prepare, start
+and started hooks.
+
+    /opt/pagefusion/venv/bin/python benchmarks/bench_hook_cost.py [--starts 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import testbed  # noqa: E402
+
+from pagefusion import install, paths, services  # noqa: E402
+from pagefusion.element import PageFusion  # noqa: E402
+
+
+def start_times(conn, spec, image, starts: int) -> list[float]:
+    times = []
+    for _ in range(starts):
+        dom = testbed.guests.define(conn, spec, image)
+        began = time.perf_counter()
+        dom.create()
+        times.append((time.perf_counter() - began) * 1000)
+        dom.destroy()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--starts", type=int, default=15)
+    args = parser.parse_args()
+
+    conn = testbed.ensure_libvirtd_with_hook()
+    testbed.remove_leftover_guests(conn)
+    image = testbed.guestimage.ensure_image()
+    spec = testbed.GuestFactory(conn, image).spec(PageFusion(enabled=True, group="bench"))
+    recorder = testbed.RECORDER_PATH.read_text() if testbed.RECORDER_PATH.exists() else None
+    try:
+        # The tests' recorder hook would be counted too: take it out for both runs.
+        testbed.RECORDER_PATH.unlink(missing_ok=True)
+        services.restart_libvirtd()
+        conn = testbed.SharedConnection()
+        with_hook = start_times(conn, spec, image, args.starts)
+
+        install.remove_hook()
+        services.restart_libvirtd()
+        conn = testbed.SharedConnection()
+        without_hook = start_times(conn, spec, image, args.starts)
+    finally:
+        testbed.guests.remove(conn, spec.name)
+        install.install_hook()
+        if recorder is not None:
+            testbed.RECORDER_PATH.write_text(recorder)
+            testbed.RECORDER_PATH.chmod(0o755)
+        services.restart_libvirtd()
+
+    added = statistics.median(with_hook) - statistics.median(without_hook)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, hook {paths.hook_path()}")
+    print(f"{args.starts} starts each of one TCG guest with page fusion on")
+    print(f"  median start with the hook    {statistics.median(with_hook):7.1f} ms")
+    print(f"  median start without the hook {statistics.median(without_hook):7.1f} ms")
+    print(f"  added by the hook             {added:7.1f} ms   (target <= 60 ms)")
+
+
+if __name__ == "__main__":
+    main()
