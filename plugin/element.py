@@ -16,10 +16,21 @@ import importlib.resources
 import logging
 import re
 from dataclasses import dataclass
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from pagefusion.errors import ElementError
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+
+def _etree():
+    # lxml is imported on first use: a fusion worker needs PageFusion but
+    # never parses XML, and lxml would add megabytes to every worker.
+    from lxml import etree
+
+    return etree
+
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,7 @@ DEFAULT_GROUP = "default"
 
 @functools.cache
 def _schema() -> etree.RelaxNG:
+    etree = _etree()
     text = importlib.resources.files("pagefusion.schema").joinpath("page-fusion.rng").read_bytes()
     return etree.RelaxNG(etree.fromstring(text))
 
@@ -104,6 +116,7 @@ class PageFusion:
         return cls(enabled=state == "on", group=group)
 
     def to_element(self) -> etree._Element:
+        etree = _etree()
         element = etree.Element(TAG, nsmap={PREFIX: NAMESPACE})
         element.set("state", self.state)
         if self.group is not None:
@@ -112,7 +125,7 @@ class PageFusion:
 
     def to_xml(self) -> str:
         """The element alone, with its namespace declaration."""
-        return etree.tostring(self.to_element(), encoding="unicode")
+        return _etree().tostring(self.to_element(), encoding="unicode")
 
     def to_metadata_xml(self) -> str:
         """The element without namespace, as virDomainSetMetadata and ``virsh metadata``
@@ -143,8 +156,8 @@ def find_element(domain: etree._Element, *, name: str = "?") -> etree._Element |
         )
     if not ours:
         for child in metadata:
-            if isinstance(child.tag, str) and etree.QName(child).localname == LOCAL_NAME:
-                found = etree.QName(child).namespace or "no namespace"
+            if isinstance(child.tag, str) and _etree().QName(child).localname == LOCAL_NAME:
+                found = _etree().QName(child).namespace or "no namespace"
                 raise ElementError(
                     f"domain {name!r}: <{LOCAL_NAME}> in {found!r} is not pagefusion's;"
                     f" use the namespace {NAMESPACE!r}"
@@ -155,6 +168,7 @@ def find_element(domain: etree._Element, *, name: str = "?") -> etree._Element |
 
 def parse_domain(domain_xml: str | bytes) -> etree._Element:
     """Parse a domain XML document, turning parse errors into ElementError."""
+    etree = _etree()
     if isinstance(domain_xml, str):
         domain_xml = domain_xml.encode()
     parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)

@@ -51,7 +51,7 @@ PLATEAU_FULL_SCANS = 3
 MIN_FAST_PAGES_TO_SCAN = 1000
 # A domain whose memory has not settled (a guest booting) keeps KSM fast for
 # at most this long after its worker started.
-SETTLING_LIMIT_S = 60.0
+SETTLING_LIMIT_S = 30.0
 MAX_PAGES_TO_SCAN = 50000
 
 

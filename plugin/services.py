@@ -85,7 +85,8 @@ def fix_kvm_device() -> None:
         log.info("gave /dev/kvm to group kvm, mode 0660")
 
 
-def _spawn(argv: list[str], log_path: Path = LIBVIRTD_LOG) -> None:
+def spawn_detached(argv: list[str], log_path: Path = LIBVIRTD_LOG) -> None:
+    """Start a process in its own session, output appended to ``log_path``; no wait."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         subprocess.Popen(
@@ -123,7 +124,7 @@ def start_libvirt() -> None:
         argv = [tini, "-s", "--", "libvirtd"] if tini else ["libvirtd"]
         if not tini:
             log.warning("tini not found: exited QEMU processes may linger as zombies")
-        _spawn(argv)
+        spawn_detached(argv)
         _wait_for(lambda: libvirtd_pid() is not None and _socket_answers(), "libvirtd start")
         log.info("started libvirtd (pid %s)", libvirtd_pid())
 
@@ -165,6 +166,6 @@ def start_daemon() -> None:
     if systemd_running() and Path(f"/etc/systemd/system/{DAEMON_UNIT}").exists():
         subprocess.run(["systemctl", "start", DAEMON_UNIT], check=True)
     else:
-        _spawn([sys.executable, "-m", "pagefusion.cli", "daemon"], DAEMON_LOG)
+        spawn_detached([sys.executable, "-m", "pagefusion.cli", "daemon"], DAEMON_LOG)
     _wait_for(lambda: daemon_pid() is not None, "pagefusion daemon start", 30.0)
     log.info("started pagefusion's daemon (pid %s)", daemon_pid())

@@ -57,16 +57,7 @@ def launch(uuid: str) -> None:
             stderr=subprocess.DEVNULL, timeout=10,
         )  # fmt: skip
         return
-    WORKER_LOG.parent.mkdir(parents=True, exist_ok=True)
-    with open(WORKER_LOG, "ab") as out:
-        subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-            close_fds=True,
-        )
+    services.spawn_detached(argv, WORKER_LOG)
     log.debug("worker for %s launched", uuid)
 
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pagefusion import config, paths, runstate
+from pagefusion import config, paths, privileges, runstate
 from pagefusion.errors import DomainGoneError, PagefusionError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ BUDGET_WINDOW_S = 60.0
 # to MAX_PASS_INTERVAL_S while it is not: the budget is a cap, and a settled
 # guest needs only a look now and then to notice new fusible memory.
 MIN_PASS_INTERVAL_S = 1.0
-MAX_PASS_INTERVAL_S = 30.0
+MAX_PASS_INTERVAL_S = 120.0
 # A change of the fusible count by more than this share counts as flux.
 SETTLED_CHANGE = 0.02
 # The class totals a report carries, summed over one cycle of passes.
@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("domain %r already has a worker", record.name)
         return 0
     _lower_priority()
+    try:
+        privileges.keep_only()
+    except PagefusionError as err:
+        log.warning("domain %r: worker keeps its privileges: %s", record.name, err)
     worker = Worker(record, config.load())
     # SystemExit unwinds through the finally below, which removes what we published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

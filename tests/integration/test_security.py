@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import testbed
 
-from pagefusion import paths, runstate, supervision
+from pagefusion import paths, privileges, runstate, supervision
 from pagefusion.element import PageFusion
 
 pytestmark = pytest.mark.libvirt
@@ -52,6 +52,21 @@ def test_reading_guest_memory_asks_for_read_access_only(guest_factory, tmp_path)
     assert all("O_RDONLY" in line and "O_RDWR" not in line for line in opens_of_guest)
     assert "process_vm_writev" not in calls
     assert "ptrace(" not in calls
+
+
+def test_a_worker_keeps_only_the_capabilities_reading_needs(guest_factory):
+    dom = guest_factory.boot(guest_factory.spec(ON))
+    pid = testbed.eventually(lambda: supervision.worker_pid(dom.UUIDString()), 10.0)
+    assert pid
+    wanted = privileges.capability_mask(privileges.WORKER_CAPABILITIES)
+    assert testbed.eventually(lambda: privileges.effective_mask(pid) == wanted, 5.0)
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "NoNewPrivs:\t1" in status
+    assert int(re.search(r"CapBnd:\s+(\w+)", status).group(1), 16) == wanted
+    # ...and it still reads its guest: a report comes.
+    from pagefusion.worker import read_report
+
+    assert testbed.eventually(lambda: read_report(dom.UUIDString()), 15.0)
 
 
 def test_the_native_core_has_no_way_to_write_another_process():

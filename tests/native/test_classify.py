@@ -9,15 +9,13 @@ known in advance.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
+from standin import StandIn
 
 from pagefusion import scanner
 from pagefusion.errors import NativeError, PagefusionError
@@ -55,26 +53,11 @@ for line in sys.stdin:
 """
 
 
-class Child:
+class Child(StandIn):
     """A stand-in QEMU process driven over a pipe."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def call(self, **command: object) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        super().__init__(CHILD)
 
     def map(self, seeds: list[int | None]) -> int:
         """Map len(seeds) mergeable pages, fill them, return the address."""
@@ -85,14 +68,6 @@ class Child:
     def write(self, addr: int, seeds: dict[int, int | None]) -> None:
         pairs = [[addr + index * PAGE, seed] for index, seed in seeds.items()]
         assert self.call(op="write", pages=pairs) == len(pairs)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ reading /proc/PID/mem of one's own child takes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
 import sys
 
 import pytest
+from standin import StandIn
 
 from pagefusion import scanner
 from pagefusion.errors import DomainGoneError, PagefusionError
@@ -54,37 +54,14 @@ for line in sys.stdin:
 """
 
 
-class Child:
+class Child(StandIn):
     """A stand-in QEMU process driven over a pipe."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def call(self, **command: object) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        super().__init__(CHILD)
 
     def map(self, seeds: list[int | None], *, mergeable: bool = True) -> int:
         return self.call(op="map", seeds=seeds, mergeable=mergeable)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.fixture
