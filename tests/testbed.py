@@ -197,3 +197,11 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
         check=check,
         timeout=120,
     )
+
+
+def virsh_set_metadata(name: str, element_xml: str, where: str = "--config"):
+    """``virsh metadata NAME NS WHERE --key pagefusion --set ELEMENT``: the
+    user's way of changing the element by hand."""
+    from pagefusion.element import NAMESPACE, PREFIX
+
+    return virsh("metadata", name, NAMESPACE, where, "--key", PREFIX, "--set", element_xml)

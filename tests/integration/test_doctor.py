@@ -7,7 +7,7 @@ import json
 import pytest
 import testbed
 
-from pagefusion.element import NAMESPACE, PageFusion
+from pagefusion.element import PageFusion
 
 pytestmark = pytest.mark.libvirt
 
@@ -29,10 +29,7 @@ def test_a_missing_daemon_and_an_exposed_domain_fail(guest_factory, pf_daemon_pr
     try:
         # Without the daemon, a live change leaves a domain that says "off"
         # while its QEMU memory stays mergeable.
-        testbed.virsh(
-            "metadata", dom.name(), NAMESPACE, "--live", "--key", "pagefusion",
-            "--set", '<page-fusion state="off"/>',
-        )  # fmt: skip
+        testbed.virsh_set_metadata(dom.name(), '<page-fusion state="off"/>', "--live")
         code, checks = doctor()
     finally:
         pf_daemon_process.start()

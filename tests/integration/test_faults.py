@@ -15,7 +15,7 @@ import testbed
 from lxml import etree
 
 from pagefusion import config, paths, runstate, supervision
-from pagefusion.element import NAMESPACE, PageFusion
+from pagefusion.element import PageFusion
 from pagefusion.settings import INACTIVE_XML
 from pagefusion.worker import read_report
 
@@ -62,10 +62,7 @@ def test_the_daemon_killed_while_undoing_a_change_leaves_the_definition_whole(
     # milliseconds of its undo and kill it.
     process = pf_daemon_process.process
     os.kill(process.pid, signal.SIGSTOP)
-    testbed.virsh(
-        "metadata", dom.name(), NAMESPACE, "--config", "--key", "pagefusion",
-        "--set", '<page-fusion state="off"/>',
-    )  # fmt: skip
+    testbed.virsh_set_metadata(dom.name(), '<page-fusion state="off"/>', "--config")
     os.kill(process.pid, signal.SIGCONT)
     time.sleep(delay_ms / 1000)
     os.kill(process.pid, signal.SIGKILL)

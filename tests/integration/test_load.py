@@ -75,10 +75,7 @@ def test_a_burst_of_a_thousand_refused_changes_is_all_undone(guest_factory, runn
     assert testbed.eventually(settled, 10.0, 0.1), "the burst was not fully undone"
     assert ledger.counters()[ledger.REJECTED_CHANGES] > rejected
     # The daemon kept up: one more change is undone as fast as ever.
-    testbed.virsh(
-        "metadata", dom.name(), NAMESPACE, "--config", "--key", PREFIX,
-        "--set", '<page-fusion state="off"/>',
-    )  # fmt: skip
+    testbed.virsh_set_metadata(dom.name(), '<page-fusion state="off"/>', "--config")
     after = time.monotonic()
     assert testbed.eventually(settled, 2.0, 0.02)
     assert time.monotonic() - after < 2.0

@@ -16,7 +16,7 @@ import pytest
 import testbed
 
 from pagefusion import domainxml, element, ledger
-from pagefusion.element import NAMESPACE, PageFusion
+from pagefusion.element import PageFusion
 from pagefusion.errors import ElementError
 from pagefusion.settings import INACTIVE_XML
 
@@ -120,10 +120,7 @@ def test_virsh_define_of_a_running_domain_is_undone(running, running_daemon, tmp
 def test_virsh_metadata_on_a_running_domain_is_undone(running, running_daemon, where):
     mark, rejected = len(running_daemon.log()), ledger.counters().get(ledger.REJECTED_CHANGES, 0)
 
-    testbed.virsh(
-        "metadata", running.name(), NAMESPACE, where, "--key", "pagefusion",
-        "--set", '<page-fusion state="off"/>',
-    )  # fmt: skip
+    testbed.virsh_set_metadata(running.name(), '<page-fusion state="off"/>', where)
 
     assert_undone(running, running_daemon, mark, "off", rejected)
 
@@ -131,10 +128,7 @@ def test_virsh_metadata_on_a_running_domain_is_undone(running, running_daemon, w
 def test_an_invalid_element_on_a_running_domain_is_replaced(running, running_daemon):
     mark, rejected = len(running_daemon.log()), ledger.counters().get(ledger.REJECTED_CHANGES, 0)
 
-    testbed.virsh(
-        "metadata", running.name(), NAMESPACE, "--config", "--key", "pagefusion",
-        "--set", '<page-fusion state="sometimes"/>',
-    )  # fmt: skip
+    testbed.virsh_set_metadata(running.name(), '<page-fusion state="sometimes"/>', "--config")
 
     assert_undone(running, running_daemon, mark, "an invalid element", rejected)
 
@@ -169,10 +163,7 @@ def test_shut_off_changes_are_accepted_by_every_path(shut_off, running_daemon, t
     assert consistent
     assert persistent_value(shut_off) == PageFusion(enabled=False, group="pftest")
 
-    testbed.virsh(
-        "metadata", name, NAMESPACE, "--config", "--key", "pagefusion",
-        "--set", '<page-fusion state="on" group="pftest"/>',
-    )  # fmt: skip
+    testbed.virsh_set_metadata(name, '<page-fusion state="on" group="pftest"/>', "--config")
     merging = testbed.eventually(
         lambda: (
             not domainxml.merging_disabled(element.parse_domain(shut_off.XMLDesc(INACTIVE_XML)))
@@ -205,10 +196,7 @@ def test_a_change_made_while_the_daemon_was_down_blocks_the_next_start(
     dom = guest_factory.boot(guest_factory.spec(ON))
     pf_daemon_process.stop()
     try:
-        testbed.virsh(
-            "metadata", dom.name(), NAMESPACE, "--config", "--key", "pagefusion",
-            "--set", '<page-fusion state="off"/>',
-        )  # fmt: skip
+        testbed.virsh_set_metadata(dom.name(), '<page-fusion state="off"/>', "--config")
         dom.destroy()
 
         refused = testbed.virsh("start", dom.name(), check=False)
