@@ -34,7 +34,7 @@ def hook_seen_by_libvirtd() -> bool | None:
     if pid is None:
         return None
     try:
-        return services.process_start_time(pid) >= paths.hook_path().stat().st_mtime
+        return services.started_after(pid, paths.hook_path().stat().st_mtime)
     except FileNotFoundError:
         return False
 

@@ -45,14 +45,24 @@ def _pid_from(pidfile: Path) -> int | None:
 
 
 def process_start_time(pid: int) -> float:
-    """When a process started, in seconds since the epoch."""
+    """When a process started, in seconds since the epoch, to within one clock tick.
+
+    /proc gives the start in clock ticks since boot. /proc/stat's ``btime``
+    is whole seconds, which would put the start up to a second early; the
+    boot moment is taken from the clocks instead.
+    """
     after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    boot_time = next(
-        int(line.split()[1])
-        for line in Path("/proc/stat").read_text().splitlines()
-        if line.startswith("btime ")
-    )
-    return boot_time + int(after_name[19]) / os.sysconf("SC_CLK_TCK")
+    booted_at = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return booted_at + int(after_name[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def started_after(pid: int, moment: float) -> bool:
+    """True if process ``pid`` started after ``moment`` (seconds since the epoch).
+
+    The start is rounded down to a clock tick, so a start less than a tick
+    after ``moment`` still counts.
+    """
+    return process_start_time(pid) + 1 / os.sysconf("SC_CLK_TCK") >= moment
 
 
 def libvirtd_pid() -> int | None:

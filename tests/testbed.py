@@ -86,7 +86,7 @@ def ensure_libvirtd_with_hook() -> SharedConnection:
         changed = True
     pid = services.libvirtd_pid()
     hooks_newer = max(paths.hook_path().stat().st_mtime, RECORDER_PATH.stat().st_mtime)
-    if changed or pid is None or services.process_start_time(pid) < hooks_newer:
+    if changed or pid is None or not services.started_after(pid, hooks_newer):
         services.restart_libvirtd()
     return SharedConnection()
 

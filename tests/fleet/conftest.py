@@ -34,6 +34,7 @@ from pagefusion.connection import open_connection
 from pagefusion.element import PageFusion
 
 REPO = Path(__file__).resolve().parents[2]
+FLEET_TESTS = Path(__file__).resolve().parent
 FLEET_BASE = Path("/var/tmp/pagefusion-fleet")
 # Host name -> how many guests it gets.
 GUEST_COUNTS = {"fleet1": 2, "fleet2": 1, "fleet3": 1}
@@ -209,6 +210,27 @@ def _build(fleet: Fleet) -> None:
     _write_inventory(fleet, key)
 
 
+def _stop_fleet(fleet: Fleet) -> None:
+    fleet.close()
+    for host in fleet.hosts:
+        host.stop()
+
+
+# The fleet's hosts run pagefusion daemons of their own, which pace the
+# machine's one KSM and take the metrics port: they are stopped as soon as the
+# last fleet test is done, not at the end of the session, so that they never
+# run beside the tests of this machine's own libvirtd.
+_fleet_teardowns: list[contextlib.ExitStack] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is not None and FLEET_TESTS in nextitem.path.parents:
+        return
+    while _fleet_teardowns:
+        _fleet_teardowns.pop().close()
+
+
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory):
     FLEET_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -223,15 +245,16 @@ def fleet(tmp_path_factory):
     )
     built = Fleet(base=base, log_dir=tmp_path_factory.mktemp("fleet-logs"), env=env)
 
-    with testbed.ksm_settings_restored():
-        try:
-            _build(built)
-            yield built
-        finally:
-            built.close()
-            for host in built.hosts:
-                host.stop()
-            shutil.rmtree(base, ignore_errors=True)
+    # Whatever happens, undone in reverse: hosts stopped, folder removed,
+    # KSM's tunables put back. Closing twice does nothing the second time.
+    teardown = contextlib.ExitStack()
+    teardown.enter_context(testbed.ksm_settings_restored())
+    teardown.callback(shutil.rmtree, base, ignore_errors=True)
+    teardown.callback(_stop_fleet, built)
+    _fleet_teardowns.append(teardown)
+    with teardown:
+        _build(built)
+        yield built
 
 
 @dataclass
