@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fusible_truth  # noqa: E402
 import testbed  # noqa: E402
 
-from pagefusion import guests, ksm, runstate, services, supervision  # noqa: E402
+from pagefusion import guests, ksm, pacing, runstate, services, supervision  # noqa: E402
 from pagefusion.daemon import daemon_pid  # noqa: E402
 from pagefusion.element import PageFusion  # noqa: E402
 
@@ -71,34 +71,47 @@ def ksmd_pid() -> int:
 
 
 class CpuMeter:
-    """CPU seconds of ksmd and of pagefusion's processes, which come and go."""
+    """CPU seconds of ksmd and of pagefusion's processes, which come and go,
+    kept apart by part: ksmd, the daemon, the workers."""
 
     def __init__(self) -> None:
         self.ksmd = ksmd_pid()
         self.seen: dict[int, float] = {}
         self.start: dict[int, float] = {}
+        self.part: dict[int, str] = {}
 
-    def _ours(self) -> list[int]:
-        pids = [self.ksmd]
+    def _ours(self) -> dict[int, str]:
+        pids = {self.ksmd: "ksmd"}
         daemon = daemon_pid()
         if daemon:
-            pids.append(daemon)
-        pids += [p for p in (supervision.worker_pid(r.uuid) for r in runstate.all_records()) if p]
+            pids[daemon] = "daemon"
+        for record in runstate.all_records():
+            worker = supervision.worker_pid(record.uuid)
+            if worker:
+                pids[worker] = "workers"
         return pids
 
     def begin(self) -> None:
         self.seen.clear()
+        self.part.clear()
         self.start = {pid: cpu_seconds(pid) for pid in self._ours()}
         self.sample()
 
     def sample(self) -> None:
-        for pid in self._ours():
+        for pid, part in self._ours().items():
             self.start.setdefault(pid, 0.0)  # a process born in the window counts whole
             self.seen[pid] = max(self.seen.get(pid, 0.0), cpu_seconds(pid))
+            self.part[pid] = part
 
     def total(self) -> float:
+        return sum(self.by_part().values())
+
+    def by_part(self) -> dict[str, float]:
         self.sample()
-        return sum(self.seen[pid] - self.start.get(pid, 0.0) for pid in self.seen)
+        parts = dict.fromkeys(("ksmd", "daemon", "workers"), 0.0)
+        for pid, seen in self.seen.items():
+            parts[self.part[pid]] += seen - self.start.get(pid, 0.0)
+        return parts
 
 
 def fused_pages() -> int:
@@ -155,15 +168,8 @@ def apply_strategy(name: str) -> Naive | None:
     return None
 
 
-def stop_daemon() -> None:
-    pid = daemon_pid()
-    if pid:
-        os.kill(pid, 15)
-        testbed.eventually(lambda: daemon_pid() is None, 20.0)
-
-
 def stop_daemon_and_workers() -> None:
-    stop_daemon()
+    services.stop_daemon()
     for record in runstate.all_records():
         supervision.stop(record.uuid)
 
@@ -182,9 +188,12 @@ def clear_ksm(strategy: str) -> None:
         ksm.write_value("run", ksm.RUN_STOP)
 
 
-def time_to(target: int, started: float, deadline: float, meter: CpuMeter) -> float | None:
+def time_to(
+    target: int, started: float, deadline: float, meter: CpuMeter, trace: PacingTrace
+) -> float | None:
     while time.monotonic() < deadline:
         meter.sample()
+        trace.sample()
         if fused_pages() >= target:
             return round(time.monotonic() - started, 1)
         time.sleep(POLL_S)
@@ -202,6 +211,30 @@ class Result:
     late_boot_s: float
     late_t80_s: float | None
     phase2_cpu_s: float
+    phase1_cpu_by_part: dict[str, float]
+    phase2_cpu_by_part: dict[str, float]
+    # pagefusion only: (seconds into the phase, mode, reason) at each change of mode
+    pacing_trace: list[tuple[float, str, str]]
+
+
+class PacingTrace:
+    """The daemon's pacing decisions as they change, for the report."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[float, str, str]] = []
+        self.began = time.monotonic()
+        self.phase = "1"
+        self.last: str | None = None
+
+    def restart(self, phase: str) -> None:
+        self.began, self.phase = time.monotonic(), phase
+
+    def sample(self) -> None:
+        decision = pacing.read_decision()
+        if decision and decision["mode"] != self.last:
+            self.last = decision["mode"]
+            at = round(time.monotonic() - self.began, 1)
+            self.changes.append((f"{self.phase}+{at}", decision["mode"], decision["reason"]))
 
 
 def run_strategy(name, factory, args) -> Result:
@@ -221,21 +254,24 @@ def run_strategy(name, factory, args) -> Result:
     clear_ksm(name)
     meter = CpuMeter()
     meter.begin()
+    trace = PacingTrace()
     started = time.monotonic()
     naive = apply_strategy(name)
     deadline = started + args.window_s
-    t50 = time_to(achievable // 2, started, deadline, meter)
-    t80 = time_to(achievable * 8 // 10, started, deadline, meter)
+    t50 = time_to(achievable // 2, started, deadline, meter, trace)
+    t80 = time_to(achievable * 8 // 10, started, deadline, meter, trace)
     while time.monotonic() < deadline:
         meter.sample()
+        trace.sample()
         time.sleep(1.0)
-    phase1_cpu = meter.total()
+    phase1_parts = meter.by_part()
     fused_before = fused_pages()
 
     # Phase 2, late arrival.
     late = factory.spec(GROUP, **args.guest)
     meter.begin()
     started = time.monotonic()
+    trace.restart("2")
     factory.define(late).create()
     late_boot_s = round(guests.wait_until_booted(late), 1)
     if name != "pagefusion":
@@ -245,18 +281,22 @@ def run_strategy(name, factory, args) -> Result:
         0, fusible_truth.achievable_saving_pages(pids, include_zero=False) - achievable
     )
     deadline = started + args.late_window_s
-    late_t80 = time_to(fused_before + late_saving * 8 // 10, started, deadline, meter)
+    late_t80 = time_to(fused_before + late_saving * 8 // 10, started, deadline, meter, trace)
     while time.monotonic() < deadline:
         meter.sample()
+        trace.sample()
         time.sleep(1.0)
-    phase2_cpu = meter.total()
+    phase2_parts = meter.by_part()
 
     if naive:
         naive.stop.set()
     factory.cleanup()
     return Result(
-        name, achievable, t50, t80, round(phase1_cpu, 1), late_saving, late_boot_s, late_t80,
-        round(phase2_cpu, 1),
+        name, achievable, t50, t80, round(sum(phase1_parts.values()), 1), late_saving,
+        late_boot_s, late_t80, round(sum(phase2_parts.values()), 1),
+        {part: round(cpu, 2) for part, cpu in phase1_parts.items()},
+        {part: round(cpu, 2) for part, cpu in phase2_parts.items()},
+        trace.changes if name == "pagefusion" else [],
     )  # fmt: skip
 
 
@@ -303,6 +343,16 @@ def main() -> None:
             f" {r.late_t80_s!s:>10}"
             f" {r.phase2_cpu_s:>7}"
         )
+    print("CPU seconds by part (phase 1 / phase 2):")
+    for r in results:
+        parts = ", ".join(
+            f"{part} {r.phase1_cpu_by_part[part]} / {r.phase2_cpu_by_part[part]}"
+            for part in r.phase1_cpu_by_part
+        )
+        print(f"  {r.strategy:<11} {parts}")
+    for r in results:
+        for at, mode, reason in r.pacing_trace:
+            print(f"  pacing at {at} s: {mode} ({reason})")
     by_name = {r.strategy: r for r in results}
     ours, fast, naive = (by_name.get(n) for n in ("pagefusion", "fixed-fast", "naive"))
     if ours and fast and naive and ours.t80_s and fast.t80_s:

@@ -21,7 +21,6 @@ An INI file; every key is optional::
 from __future__ import annotations
 
 import configparser
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +86,26 @@ def parse(text: str) -> Config:
     )  # fmt: skip
 
 
-@functools.cache
+_loaded: tuple[object, Config] | None = None
+
+
 def load() -> Config:
-    """The host's configuration; defaults where the file or a key is absent."""
+    """The host's configuration; defaults where the file or a key is absent.
+
+    Read again whenever the file changes: the daemon serves hook calls for
+    as long as it runs, and each must see the policy in force.
+    """
+    global _loaded
     try:
-        return parse(CONFIG_PATH.read_text())
+        info = CONFIG_PATH.stat()
+        stamp: object = (info.st_ino, info.st_mtime_ns, info.st_size)
     except FileNotFoundError:
-        return Config()
+        stamp = None
+    if _loaded is not None and _loaded[0] == stamp:
+        return _loaded[1]
+    try:
+        loaded = parse(CONFIG_PATH.read_text()) if stamp is not None else Config()
+    except FileNotFoundError:
+        loaded = Config()
+    _loaded = (stamp, loaded)
+    return loaded

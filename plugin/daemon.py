@@ -5,7 +5,9 @@ milliseconds. Callbacks run on libvirt's event thread and only queue the
 domain's UUID; the main thread drains the queue and reconciles each domain
 (``guard.reconcile``), so a slow libvirt call never stalls event delivery.
 When libvirtd goes away the daemon reconnects and reconciles every domain,
-which also catches changes made while it was disconnected.
+which also catches changes made while it was disconnected. It also runs the
+hook's calls that the hook's native front hands over (``hookserver``), so
+that libvirtd does not wait for a Python start on every call.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from pagefusion import config, exporter, guard, ledger, pacing, paths, supervision
+from pagefusion import config, exporter, guard, hookserver, ledger, pacing, paths, supervision
 from pagefusion.connection import open_connection
 from pagefusion.element import NAMESPACE
 from pagefusion.errors import HostError, PagefusionError
@@ -53,6 +55,7 @@ class Daemon:
         self._callbacks: list[int] = []
         self._lock_fd: int | None = None
         self.metrics_server = None
+        self.hook_server = hookserver.HookServer()
 
     # -- libvirt callbacks (event thread): queue only -----------------------
 
@@ -181,8 +184,16 @@ class Daemon:
             # Metrics are for watching; enforcing the rule matters more.
             log.warning("no metrics endpoint: %s", err)
 
+    def _serve_hook_calls(self) -> None:
+        try:
+            self.hook_server.start()
+        except OSError as err:
+            # The hook runs its calls itself then, only slower.
+            log.warning("not serving hook calls on %s: %s", self.hook_server.path, err)
+
     def run(self) -> None:
         self._take_pidfile()
+        self._serve_hook_calls()
         self._serve_metrics()
         libvirt.virEventRegisterDefaultImpl()
         loop = threading.Thread(target=self._event_loop, name="libvirt-events", daemon=True)
@@ -197,6 +208,7 @@ class Daemon:
                 log.warning("libvirt unavailable: %s", err)
             if not self.stopping.is_set():
                 self.stopping.wait(RECONNECT_DELAY_S)
+        self.hook_server.stop()
         log.info("daemon stopped")
 
     def _event_loop(self) -> None:

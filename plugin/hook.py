@@ -7,6 +7,11 @@ never fails ``reconnect`` (libvirtd would kill the running guest), prints to
 stdout only when it rewrites the XML of ``migrate``/``restore``, and imports
 little. Only ``prepare``, ``migrate`` and ``restore`` may refuse; every other
 operation reports a failure as a warning and lets libvirt carry on.
+
+Each call goes through ``handle``: in the daemon, which the hook's native
+front (``native/hookfront.c``) hands the call to so that it skips Python's
+start and these imports (``hookserver``), or, when the daemon cannot take
+it, in a process of its own through ``main``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,6 @@ from pagefusion import journal, ledger, lifecycle
 from pagefusion.errors import PagefusionError
 
 log = logging.getLogger(__name__)
-
-# TODO(hook-cost): every call pays Python's start and these imports, about
-# 100 ms, three times per domain start; a small native front that answers
-# the calls with nothing to do would bring the added time near 60 ms.
 
 # Operations that may stop libvirt by failing; the others must not.
 REFUSING_OPERATIONS = frozenset({"prepare", "migrate", "restore"})
@@ -104,33 +105,36 @@ def run(argv: list[str], domain_xml: str) -> tuple[Verdict, str]:
     return Verdict(True), output
 
 
-def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
-    """Entry point of the hook script; returns the exit status for libvirtd."""
-    _setup_logging()
-    started = time.monotonic()
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        domain_xml = (stdin or sys.stdin).read()
-    except (OSError, UnicodeDecodeError) as err:
-        domain_xml = ""
-        log.warning("could not read the domain XML on stdin: %s", err)
+@dataclass(frozen=True)
+class Answer:
+    """What the hook tells libvirtd: exit status, stdout and stderr."""
 
+    status: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+SERVED_BY_DAEMON = "daemon"
+SERVED_BY_HOOK_PROCESS = "hook process"
+
+
+def handle(args: list[str], domain_xml: str, served_by: str = SERVED_BY_HOOK_PROCESS) -> Answer:
+    """Run one hook call, log and journal it; the daemon serves calls through this."""
+    started = time.monotonic()
     verdict, output = run(args, domain_xml)
-    if output:
-        sys.stdout.write(output)
-    if not verdict.ok:
-        # libvirt puts stderr into the error that virsh shows; keep it one line.
-        print(f"pagefusion: {verdict.message}", file=sys.stderr)
+    # libvirt puts stderr into the error that virsh shows; keep it one line.
+    errors = "" if verdict.ok else f"pagefusion: {verdict.message}\n"
 
     elapsed_ms = (time.monotonic() - started) * 1000
     name, operation, sub_operation = (args + ["", "", ""])[:3]
     log.info(
-        "domain %r %s %s: %s (%.0f ms)",
+        "domain %r %s %s: %s (%.0f ms, %s)",
         name,
         operation,
         sub_operation,
         "ok" if verdict.ok else "refused",
         elapsed_ms,
+        served_by,
     )
     uuid = _UUID.search(domain_xml)
     journal.record(
@@ -143,5 +147,25 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         ok=verdict.ok,
         message=verdict.message,
         duration_ms=round(elapsed_ms, 1),
+        served_by=served_by,
     )
-    return 0 if verdict.ok else 1
+    return Answer(0 if verdict.ok else 1, output, errors)
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
+    """Entry point of the hook in its own process; returns the exit status for libvirtd."""
+    _setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        domain_xml = (stdin or sys.stdin).read()
+    except (OSError, UnicodeDecodeError) as err:
+        domain_xml = ""
+        log.warning("could not read the domain XML on stdin: %s", err)
+    answer = handle(args, domain_xml)
+    sys.stdout.write(answer.stdout)
+    sys.stderr.write(answer.stderr)
+    return answer.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

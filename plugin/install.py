@@ -1,7 +1,7 @@
 """Installing pagefusion on a host: the hook, KSM's saved settings, and isolation.
 
-The hook is the script in ``hooks/qemu`` with its first line pointing at the
-interpreter that has this package. libvirtd finds hooks only when it starts,
+The hook is the script in ``hooks/qemu`` with the paths of this package's
+interpreter and of the hook's native front filled in. libvirtd finds hooks only when it starts,
 so the caller restarts it (``pagefusion install --restart-libvirtd``).
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libvirt
 
@@ -20,6 +22,9 @@ from pagefusion.connection import open_connection
 
 log = logging.getLogger(__name__)
 
+# The executable setup.py builds from native/hookfront.c into the package.
+HOOK_FRONT_NAME = "hookfront"
+
 
 def default_interpreter() -> str:
     """This environment's python3, named the same however Python was started."""
@@ -27,13 +32,17 @@ def default_interpreter() -> str:
     return candidate if os.path.exists(candidate) else sys.executable
 
 
+def hook_front() -> Path:
+    """The hook's native front, built with the package (``native/hookfront.c``)."""
+    return Path(__file__).resolve().parent / HOOK_FRONT_NAME
+
+
 def hook_text(interpreter: str | None = None) -> str:
-    """The hook script as installed: the shipped script with our interpreter."""
+    """The hook script as installed: the shipped script with our interpreter and front."""
     source = importlib.resources.files("pagefusion.hooks").joinpath("qemu").read_text()
-    _shebang, _, body = source.partition("\n")
-    # -I: the hook runs as root from libvirtd; ignore PYTHON* variables and
-    # the current directory, take only the installed package.
-    return f"#!{interpreter or default_interpreter()} -I\n{body}"
+    return source.replace("@PYTHON@", shlex.quote(interpreter or default_interpreter())).replace(
+        "@FRONT@", shlex.quote(str(hook_front()))
+    )
 
 
 def install_hook() -> bool:
@@ -71,6 +80,7 @@ class IsolationReport:
     hook_changed: bool = False
     libvirtd_restarted: bool = False
     daemon_started: bool = False
+    daemon_restarted: bool = False
 
 
 def isolate_existing_domains(conn: libvirt.virConnect) -> IsolationReport:
@@ -110,10 +120,26 @@ def install(
         services.restart_libvirtd()
     report = isolate_existing_domains(open_connection(uri))
     report.hook_changed, report.libvirtd_restarted = changed, restarted
-    if start_daemon and daemon_pid() is None:
-        services.start_daemon()
-        report.daemon_started = True
+    if start_daemon:
+        pid = daemon_pid()
+        if pid is not None and not services.started_after(pid, package_installed_at()):
+            # The daemon serves the hook's calls with the code it loaded at
+            # its start: after an upgrade it must load the new code.
+            services.stop_daemon()
+            report.daemon_restarted = True
+            pid = None
+        if pid is None:
+            services.start_daemon()
+            report.daemon_started = not report.daemon_restarted
     return report
+
+
+def package_installed_at() -> float:
+    """When this package's files were last written (installed or upgraded)."""
+    package = Path(__file__).resolve().parent
+    return max(
+        path.stat().st_mtime for path in (*package.glob("*.py"), hook_front()) if path.exists()
+    )
 
 
 def uninstall() -> dict[str, int | str]:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def spawn_detached(argv: list[str], log_path: Path = LIBVIRTD_LOG) -> None:
     """Start a process in its own session, output appended to ``log_path``; no wait."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        subprocess.Popen(
+        child = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -107,6 +108,10 @@ def spawn_detached(argv: list[str], log_path: Path = LIBVIRTD_LOG) -> None:
             start_new_session=True,
             close_fds=True,
         )
+    # A long-lived parent (the daemon starts workers for the hook calls it
+    # serves) must reap the child when it exits, or it lingers as a zombie.
+    # A short-lived one exits first and leaves the child to its reaper.
+    threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
 
 
 def _wait_for(check, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -177,5 +182,26 @@ def start_daemon() -> None:
         subprocess.run(["systemctl", "start", DAEMON_UNIT], check=True)
     else:
         spawn_detached([sys.executable, "-m", "pagefusion.cli", "daemon"], DAEMON_LOG)
-    _wait_for(lambda: daemon_pid() is not None, "pagefusion daemon start", 30.0)
+    from pagefusion.hookserver import socket_path
+
+    # Up means serving hook calls: the socket comes right after the pidfile.
+    _wait_for(
+        lambda: daemon_pid() is not None and socket_path().exists(),
+        "pagefusion daemon start",
+        30.0,
+    )
     log.info("started pagefusion's daemon (pid %s)", daemon_pid())
+
+
+def stop_daemon() -> None:
+    """Stop pagefusion's daemon if it runs (the workers keep running)."""
+    from pagefusion.daemon import daemon_pid
+
+    pid = daemon_pid()
+    if pid is None:
+        return
+    if systemd_running() and Path(f"/etc/systemd/system/{DAEMON_UNIT}").exists():
+        subprocess.run(["systemctl", "stop", DAEMON_UNIT], check=True)
+    else:
+        os.kill(pid, signal.SIGTERM)
+    _wait_for(lambda: daemon_pid() is None, f"pagefusion daemon (pid {pid}) exit", 30.0)

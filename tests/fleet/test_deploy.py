@@ -16,8 +16,10 @@ def test_deploy_installs_pagefusion_and_restarts_each_hosts_libvirtd(fleet, depl
         assert deployed.run.count(host.name, "failed") == 0
         assert deployed.run.changed(host.name) > 0, deployed.run.describe(host.name)
         assert host.venv_python.exists()
-        shebang = host.hook_path.read_text().splitlines()[0]
-        assert shebang.startswith("#!/opt/pagefusion/venv/bin/python"), shebang
+        # The hook runs the host's venv: its python and the native front built into it.
+        hook_text = host.hook_path.read_text()
+        assert "python=/opt/pagefusion/venv/bin/python" in hook_text, hook_text
+        assert "front=/opt/pagefusion/venv/lib/" in hook_text, hook_text
         # libvirtd reads its hooks only when it starts: the role restarted
         # the host's own libvirtd, and no other.
         assert host.pid_from("libvirtd.pid") not in (None, deployed.libvirtd_pids[host.name])

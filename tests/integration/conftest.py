@@ -21,11 +21,19 @@ class DaemonProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self) -> None:
+        """Start the daemon unless this one already runs; wait until it watches events."""
         existing = pf_daemon.daemon_pid()
+        if self.running() and existing == self.process.pid:
+            return
         if existing is not None and (self.process is None or existing != self.process.pid):
             os.kill(existing, signal.SIGTERM)
             self._wait_gone()
+        # Only what this start writes counts: the log keeps earlier runs.
+        log_start = len(self.log())
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pagefusion.cli", "daemon"],
@@ -34,7 +42,7 @@ class DaemonProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + 20
-        while "watching domain events" not in self.log():
+        while "watching domain events" not in self.log()[log_start:]:
             assert self.process.poll() is None, self.log()
             assert time.monotonic() < deadline, "daemon did not connect: " + self.log()
             time.sleep(0.05)
@@ -66,6 +74,5 @@ def pf_daemon_process(libvirt_conn, tmp_path_factory):
 @pytest.fixture
 def running_daemon(pf_daemon_process):
     """The daemon, started again if a test stopped it."""
-    if pf_daemon_process.process is None or pf_daemon_process.process.poll() is not None:
-        pf_daemon_process.start()
+    pf_daemon_process.start()
     return pf_daemon_process

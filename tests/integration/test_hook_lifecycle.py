@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import testbed
 
-from pagefusion import journal, runstate
+from pagefusion import hook, journal, runstate
 from pagefusion.element import PageFusion
 
 pytestmark = pytest.mark.libvirt
@@ -15,7 +15,21 @@ pytestmark = pytest.mark.libvirt
 LIFE = ["prepare", "start", "started", "stopped", "release"]
 
 
-def test_two_guests_pass_through_every_step_in_order(guest_factory):
+@pytest.fixture(params=[hook.SERVED_BY_DAEMON, hook.SERVED_BY_HOOK_PROCESS])
+def served_by(request, pf_daemon_process):
+    """Who runs the hook's calls: the daemon, or, with the daemon down, the hook itself."""
+    if request.param == hook.SERVED_BY_DAEMON:
+        pf_daemon_process.start()
+        yield request.param
+        return
+    pf_daemon_process.stop()
+    try:
+        yield request.param
+    finally:
+        pf_daemon_process.start()
+
+
+def test_two_guests_pass_through_every_step_in_order(guest_factory, served_by):
     testbed.clear_recorder()
     before = len(journal.read())
     specs = [
@@ -38,6 +52,7 @@ def test_two_guests_pass_through_every_step_in_order(guest_factory):
         ours = [c for c in calls if c["domain"] == name]
         assert [c["operation"] for c in ours] == LIFE, ours
         assert all(c["ok"] and c["uuid"] == uuid for c in ours)
+        assert {c["served_by"] for c in ours} == {served_by}
 
         # The recorder hook runs after ours on the same call and keeps the XML
         # libvirtd sent: pagefusion saw exactly that document at each step.

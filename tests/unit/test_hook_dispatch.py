@@ -1,7 +1,9 @@
 """The hook's contract with libvirtd, checked without libvirtd.
 
 The hook script is run as libvirtd runs it: a separate process with argv and
-the domain XML on stdin, its state kept in a temporary directory.
+the domain XML on stdin, its state kept in a temporary directory. Each test
+runs twice: with a daemon serving the calls (its hook server in this
+process) and without one (the hook runs the call itself).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 import pytest
 
-from pagefusion import hook, install, journal, runstate
+from pagefusion import hook, hookserver, install, journal, runstate
 from pagefusion.element import NAMESPACE
 
 UUID = "0d2b7c1e-5a4f-4c3e-9b1a-2f6e8d7c9a01"
@@ -27,18 +29,28 @@ def domain_xml(state: str | None = "on", nosharepages: bool = False, name: str =
     )
 
 
-@pytest.fixture
-def run_hook(private_paths, tmp_path):
+@pytest.fixture(params=["daemon", "own process"])
+def run_hook(request, private_paths, tmp_path):
     script = tmp_path / "pagefusion-hook"
     script.write_text(install.hook_text(sys.executable))
     script.chmod(0o755)
+    server = None
+    if request.param == "daemon":
+        server = hookserver.HookServer()
+        server.start()
 
     def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run(
+        served_before = server.served if server else 0
+        done = subprocess.run(
             [str(script), *argv], input=stdin, capture_output=True, text=True, timeout=30
         )
+        if server is not None:
+            assert server.served == served_before + 1, "the daemon did not serve the call"
+        return done
 
-    return run
+    yield run
+    if server is not None:
+        server.stop()
 
 
 def test_prepare_records_the_value_the_domain_starts_with(run_hook):
