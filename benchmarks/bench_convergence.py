@@ -188,35 +188,6 @@ def clear_ksm(strategy: str) -> None:
         ksm.write_value("run", ksm.RUN_STOP)
 
 
-def time_to(
-    target: int, started: float, deadline: float, meter: CpuMeter, trace: PacingTrace
-) -> float | None:
-    while time.monotonic() < deadline:
-        meter.sample()
-        trace.sample()
-        if fused_pages() >= target:
-            return round(time.monotonic() - started, 1)
-        time.sleep(POLL_S)
-    return None
-
-
-@dataclass
-class Result:
-    strategy: str
-    achievable_pages: int
-    t50_s: float | None
-    t80_s: float | None
-    phase1_cpu_s: float
-    late_saving_pages: int
-    late_boot_s: float
-    late_t80_s: float | None
-    phase2_cpu_s: float
-    phase1_cpu_by_part: dict[str, float]
-    phase2_cpu_by_part: dict[str, float]
-    # pagefusion only: (seconds into the phase, mode, reason) at each change of mode
-    pacing_trace: list[tuple[float, str, str]]
-
-
 class PacingTrace:
     """The daemon's pacing decisions as they change, for the report."""
 
@@ -237,6 +208,64 @@ class PacingTrace:
             self.changes.append((f"{self.phase}+{at}", decision["mode"], decision["reason"]))
 
 
+class Sampler:
+    """Samples fused memory, CPU and pacing every POLL_S in a thread of its
+    own, so that nothing the benchmark does meanwhile (booting a guest,
+    measuring the exact saving) hides when a target was reached."""
+
+    def __init__(self, meter: CpuMeter, trace: PacingTrace) -> None:
+        self.meter, self.trace = meter, trace
+        self.series: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.monotonic()
+
+    def __enter__(self) -> Sampler:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.series.append((time.monotonic() - self.started, fused_pages()))
+            self.meter.sample()
+            self.trace.sample()
+            if self.stop.wait(POLL_S):
+                return
+
+    def time_to(self, target: int) -> float | None:
+        """Seconds from the start until fused memory first reached ``target``."""
+        for at, fused in self.series:
+            if fused >= target:
+                return round(at, 1)
+        return None
+
+    def wait_until(self, deadline: float) -> None:
+        while time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+@dataclass
+class Result:
+    strategy: str
+    achievable_pages: int
+    t50_s: float | None
+    t80_s: float | None
+    phase1_cpu_s: float
+    late_saving_pages: int
+    late_boot_s: float
+    late_t80_s: float | None
+    phase2_cpu_s: float
+    phase1_cpu_by_part: dict[str, float]
+    phase2_cpu_by_part: dict[str, float]
+    # pagefusion only: (seconds into the phase, mode, reason) at each change of mode
+    pacing_trace: list[tuple[float, str, str]]
+
+
 def run_strategy(name, factory, args) -> Result:
     if name == "pagefusion":
         services.start_daemon()
@@ -255,37 +284,29 @@ def run_strategy(name, factory, args) -> Result:
     meter = CpuMeter()
     meter.begin()
     trace = PacingTrace()
-    started = time.monotonic()
-    naive = apply_strategy(name)
-    deadline = started + args.window_s
-    t50 = time_to(achievable // 2, started, deadline, meter, trace)
-    t80 = time_to(achievable * 8 // 10, started, deadline, meter, trace)
-    while time.monotonic() < deadline:
-        meter.sample()
-        trace.sample()
-        time.sleep(1.0)
+    with Sampler(meter, trace) as sampler:
+        naive = apply_strategy(name)
+        sampler.wait_until(sampler.started + args.window_s)
+    t50 = sampler.time_to(achievable // 2)
+    t80 = sampler.time_to(achievable * 8 // 10)
     phase1_parts = meter.by_part()
     fused_before = fused_pages()
 
     # Phase 2, late arrival.
     late = factory.spec(GROUP, **args.guest)
     meter.begin()
-    started = time.monotonic()
     trace.restart("2")
-    factory.define(late).create()
-    late_boot_s = round(guests.wait_until_booted(late), 1)
-    if name != "pagefusion":
-        stop_daemon_and_workers()  # the hook started a worker; baselines run without
-    pids.append(runstate.qemu_pid_of(late.name))
-    late_saving = max(
-        0, fusible_truth.achievable_saving_pages(pids, include_zero=False) - achievable
-    )
-    deadline = started + args.late_window_s
-    late_t80 = time_to(fused_before + late_saving * 8 // 10, started, deadline, meter, trace)
-    while time.monotonic() < deadline:
-        meter.sample()
-        trace.sample()
-        time.sleep(1.0)
+    with Sampler(meter, trace) as sampler:
+        factory.define(late).create()
+        late_boot_s = round(guests.wait_until_booted(late), 1)
+        if name != "pagefusion":
+            stop_daemon_and_workers()  # the hook started a worker; baselines run without
+        pids.append(runstate.qemu_pid_of(late.name))
+        late_saving = max(
+            0, fusible_truth.achievable_saving_pages(pids, include_zero=False) - achievable
+        )
+        sampler.wait_until(sampler.started + args.late_window_s)
+    late_t80 = sampler.time_to(fused_before + late_saving * 8 // 10)
     phase2_parts = meter.by_part()
 
     if naive:

@@ -56,8 +56,22 @@ struct pf_hash_key {
 	uint64_t key_id;
 };
 
-/* page_flags bits */
+/*
+ * page_flags bits: stable, and the class of the last look, kept so that a
+ * page KSM shares can be counted without reading it again.
+ */
 #define PAGE_STABLE		0x01
+#define PAGE_CLASS_MASK		0x0e
+#define PAGE_CLASS_VOLATILE	0x02
+#define PAGE_CLASS_ZERO		0x04
+#define PAGE_CLASS_DUPLICATE	0x06
+#define PAGE_CLASS_UNIQUE	0x08
+#define PAGE_FOREIGN		0x10
+#define PAGE_FUSIBLE		0x20
+
+/* /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst) */
+#define PM_PRESENT		(1ULL << 63)
+#define PM_MMAP_EXCLUSIVE	(1ULL << 56)
 
 /*
  * A page waiting for byte confirmation against a candidate copy: the
@@ -127,6 +141,12 @@ struct pf_scanner {
 
 	size_t nr_foreign;
 	struct pf_foreign_set *foreign[PF_MAX_FOREIGN_SETS];
+
+	/* This pass's pagemap (-1: read every page) and a window of it. */
+	int pagemap_fd;
+	uint64_t pagemap_first;		/* page index of pagemap_buf[0] */
+	uint64_t pagemap_len;
+	uint64_t pagemap_buf[PF_PAGEMAP_CHUNK];
 };
 
 /* ------------------------------------------------------------------ */
@@ -798,6 +818,7 @@ int pf_scanner_new(int pid, const uint8_t *key, uint64_t pages_per_pass,
 		return -ENOMEM;
 	s->pid = pid;
 	s->pages_per_pass = pages_per_pass;
+	s->pagemap_fd = -1;
 	hash_key_expand(&s->key, key);
 
 	s->batch_buf = aligned_alloc(PF_PAGE_SIZE,
@@ -1226,15 +1247,30 @@ static bool scanned_this_pass(const struct pf_scanner *s, uint64_t page)
 	       page < s->batch_first_page;
 }
 
-static void count_duplicate(const struct pf_scanner *s, size_t slot,
+static void count_duplicate(struct pf_scanner *s, size_t slot,
 			    bool copy_stable, bool foreign,
 			    struct pf_counters *c)
 {
+	uint8_t *flags = &s->page_flags[s->batch_page[slot]];
+
+	*flags = (*flags & PAGE_STABLE) | PAGE_CLASS_DUPLICATE;
 	c->pages_duplicate++;
-	if (foreign)
+	if (foreign) {
 		c->pages_foreign++;
-	if (copy_stable && (s->page_flags[s->batch_page[slot]] & PAGE_STABLE))
+		*flags |= PAGE_FOREIGN;
+	}
+	if (copy_stable && (*flags & PAGE_STABLE)) {
 		c->pages_fusible++;
+		*flags |= PAGE_FUSIBLE;
+	}
+}
+
+static void count_unique(struct pf_scanner *s, uint64_t page,
+			 struct pf_counters *c)
+{
+	s->page_flags[page] = (s->page_flags[page] & PAGE_STABLE) |
+			      PAGE_CLASS_UNIQUE;
+	c->pages_unique++;
 }
 
 static int compare_candidates(const void *a, const void *b)
@@ -1323,7 +1359,7 @@ static void confirm_group(struct pf_scanner *s, bool foreign,
 			count_duplicate(s, slot, lead_stable, false, c);
 			continue;
 		}
-		c->pages_unique++;
+		count_unique(s, page, c);
 		if (copy && hash_page(&s->key, copy) == s->page_fp[page]) {
 			/* Same fingerprint, other bytes. */
 			c->hash_collisions++;
@@ -1456,6 +1492,7 @@ static void classify_page(struct pf_scanner *s, size_t slot,
 	c->pages_scanned++;
 
 	if (seen && !stable) {
+		s->page_flags[page] |= PAGE_CLASS_VOLATILE;
 		c->pages_volatile++;
 		/* Its new contents may still lead a group later on. */
 		if (fp >= PF_FP_FIRST)
@@ -1463,8 +1500,10 @@ static void classify_page(struct pf_scanner *s, size_t slot,
 		return;
 	}
 	if (fp == PF_FP_ZERO) {
+		s->page_flags[page] |= PAGE_CLASS_ZERO;
 		c->pages_zero++;
 		if (stable) {
+			s->page_flags[page] |= PAGE_FUSIBLE;
 			c->pages_fusible++;
 			c->pages_fusible_zero++;
 		}
@@ -1475,7 +1514,101 @@ static void classify_page(struct pf_scanner *s, size_t slot,
 	if (lead != page)
 		queue_candidate(s, slot, 0, lead);
 	else if (!queue_foreign(s, slot, fp))
+		count_unique(s, page, c);
+}
+
+/* Count a page KSM shares in the class of its last look, without reading it. */
+static void count_unread_shared(const struct pf_scanner *s, uint64_t page,
+				struct pf_counters *c)
+{
+	uint8_t flags = s->page_flags[page];
+
+	c->pages_scanned++;
+	c->pages_unread_shared++;
+	switch (flags & PAGE_CLASS_MASK) {
+	case PAGE_CLASS_ZERO:
+		c->pages_zero++;
+		if (flags & PAGE_FUSIBLE) {
+			c->pages_fusible++;
+			c->pages_fusible_zero++;
+		}
+		break;
+	case PAGE_CLASS_DUPLICATE:
+		c->pages_duplicate++;
+		if (flags & PAGE_FOREIGN)
+			c->pages_foreign++;
+		if (flags & PAGE_FUSIBLE)
+			c->pages_fusible++;
+		break;
+	default:
 		c->pages_unique++;
+		break;
+	}
+}
+
+/* Fill the pagemap window from @page to at most the end of its region. */
+static int pagemap_fill(struct pf_scanner *s, uint64_t page, size_t region)
+{
+	uint64_t left = s->region_first_page[region + 1] - page;
+	uint64_t nr = left < PF_PAGEMAP_CHUNK ? left : PF_PAGEMAP_CHUNK;
+	uint64_t addr = s->regions[region].start +
+			(page - s->region_first_page[region]) * PF_PAGE_SIZE;
+	ssize_t got;
+
+	do {
+		got = pread(s->pagemap_fd, s->pagemap_buf,
+			    nr * sizeof(uint64_t),
+			    (off_t)(addr / PF_PAGE_SIZE * sizeof(uint64_t)));
+	} while (got < 0 && errno == EINTR);
+	s->pagemap_first = page;
+	s->pagemap_len = got > 0 ? (uint64_t)got / sizeof(uint64_t) : 0;
+	return s->pagemap_len ? 0 : -EIO;
+}
+
+/*
+ * May @page be counted from its last look?  Only if that look found it
+ * stable and classified it, and it is still mapped shared: see "Pages KSM
+ * already shares" in pfcore.h for why its contents cannot have changed.
+ */
+static bool unchanged_shared(struct pf_scanner *s, uint64_t page,
+			     size_t region)
+{
+	uint8_t flags = s->page_flags[page];
+	uint8_t class = flags & PAGE_CLASS_MASK;
+	uint64_t entry;
+
+	if (s->pagemap_fd < 0 || !(flags & PAGE_STABLE) ||
+	    (class != PAGE_CLASS_ZERO && class != PAGE_CLASS_DUPLICATE &&
+	     class != PAGE_CLASS_UNIQUE))
+		return false;
+	if (page < s->pagemap_first ||
+	    page >= s->pagemap_first + s->pagemap_len) {
+		if (pagemap_fill(s, page, region))
+			return false;
+	}
+	entry = s->pagemap_buf[page - s->pagemap_first];
+	return (entry & PM_PRESENT) && !(entry & PM_MMAP_EXCLUSIVE);
+}
+
+/* Open pagemap for a pass that may leave shared pages unread. */
+static void pagemap_open(struct pf_scanner *s)
+{
+	char path[40];
+	uint64_t cycle = s->passes_done / s->pass_stride;
+
+	s->pagemap_fd = -1;
+	s->pagemap_len = 0;
+	if (cycle % PF_FULL_READ_CYCLES == 0)
+		return;
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", s->pid);
+	s->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
+}
+
+static void pagemap_close(struct pf_scanner *s)
+{
+	if (s->pagemap_fd >= 0)
+		close(s->pagemap_fd);
+	s->pagemap_fd = -1;
 }
 
 /* A page that could not be read has no known contents any more. */
@@ -1541,6 +1674,7 @@ int pf_scanner_pass(struct pf_scanner *s, struct pf_counters *c)
 	c->passes_per_cycle = s->pass_stride;
 
 	s->batch_len = 0;
+	pagemap_open(s);
 	for (run = s->pass_phase; run < nr_runs; run += s->pass_stride) {
 		uint64_t page = run * run_pages;
 		uint64_t end = page + run_pages;
@@ -1551,6 +1685,10 @@ int pf_scanner_pass(struct pf_scanner *s, struct pf_counters *c)
 			/* Pages only grow in a pass: walk regions forward. */
 			while (page >= s->region_first_page[region + 1])
 				region++;
+			if (unchanged_shared(s, page, region)) {
+				count_unread_shared(s, page, c);
+				continue;
+			}
 			if (!s->batch_len)
 				s->batch_first_page = page;
 			s->batch_page[s->batch_len] = page;
@@ -1561,15 +1699,16 @@ int pf_scanner_pass(struct pf_scanner *s, struct pf_counters *c)
 			if (++s->batch_len == PF_BATCH_PAGES) {
 				ret = scan_batch(s, c);
 				if (ret)
-					return ret;
+					goto out_close_pagemap;
 			}
 		}
 	}
 	ret = scan_batch(s, c);
-	if (ret)
-		return ret;
-	s->passes_done++;
-	return 0;
+	if (!ret)
+		s->passes_done++;
+out_close_pagemap:
+	pagemap_close(s);
+	return ret;
 }
 
 /* ------------------------------------------------------------------ */

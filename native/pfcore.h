@@ -117,6 +117,25 @@
  *   never exceeds its page budget, samples the whole guest evenly, and S
  *   passes look at every page exactly once.
  *
+ * Pages KSM already shares are not read again
+ *
+ *   Once a guest is fused, most of its RAM is KSM pages (or the kernel's
+ *   zero page), and copying them out at every pass would be the worker's
+ *   main cost.  A pass therefore reads the guest's /proc/PID/pagemap first
+ *   (8 bytes per page, no page contents) and leaves out a page that is
+ *   present and not exclusively mapped (bit 56 clear), whose last look
+ *   found it stable and classified it zero, duplicate or unique.  In a QEMU
+ *   process, which does not fork, an anonymous page mapped more than once
+ *   is a KSM page or the zero page; both are write-protected, so while it
+ *   stays mapped its contents cannot have changed: a write would have
+ *   replaced it with a private, exclusive page, which the pass reads.  Such
+ *   a page counts in its last class and in pages_unread_shared.  What this
+ *   can miss (a page copied on write and merged again into another KSM
+ *   page between two looks; a foreign set that changed under a duplicate)
+ *   is corrected by a pass that reads every page: the first cycle, and
+ *   every PF_FULL_READ_CYCLES-th cycle after it.  If pagemap cannot be
+ *   read, every page is read.
+ *
  * Memory
  *
  *   Per guest page: the 8-byte fingerprint and a 1-byte flag; the
@@ -154,6 +173,10 @@
 #define PF_BATCH_PAGES		256
 /* Contiguous pages a sampled pass reads at a time. */
 #define PF_RUN_PAGES		16
+/* Pagemap entries read at a time (32 KiB). */
+#define PF_PAGEMAP_CHUNK	4096
+/* Every this many cycles, a cycle reads every page, shared or not. */
+#define PF_FULL_READ_CYCLES	8
 /* Largest guest, in pages (8 TiB); page references in the index are 32 bits. */
 #define PF_MAX_GUEST_PAGES	(1ULL << 31)
 #define PF_MAX_FOREIGN_SETS	256
@@ -192,7 +215,7 @@ struct pf_region {
 struct pf_counters {
 	uint64_t pages_total;		/* pages in the regions */
 	uint64_t passes_per_cycle;	/* S: passes that cover every page */
-	uint64_t pages_scanned;		/* read and classified this pass */
+	uint64_t pages_scanned;		/* classified this pass, read or not */
 	uint64_t pages_zero;
 	uint64_t pages_volatile;
 	uint64_t pages_duplicate;
@@ -203,6 +226,7 @@ struct pf_counters {
 	uint64_t hash_collisions;	/* same fingerprint, other bytes */
 	uint64_t read_errors;		/* pages of the guest not readable */
 	uint64_t bytes_read;		/* copied from any process */
+	uint64_t pages_unread_shared;	/* shared by KSM, unchanged: not read */
 };
 
 struct pf_scanner;

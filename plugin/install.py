@@ -17,7 +17,7 @@ from pathlib import Path
 
 import libvirt
 
-from pagefusion import domainxml, element, ksm, paths, services
+from pagefusion import domainxml, element, ksm, paths, runstate, services, supervision
 from pagefusion.connection import open_connection
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,14 @@ def package_installed_at() -> float:
 
 
 def uninstall() -> dict[str, int | str]:
-    """Remove the hook and put back the host's KSM settings; return those."""
+    """Stop the daemon and the workers, remove the hook and put back the
+    host's KSM settings; return those.
+
+    The daemon goes first: while it runs it paces KSM and would write over
+    the settings put back.
+    """
+    services.stop_daemon()
+    for record in runstate.all_records():
+        supervision.stop(record.uuid)
     remove_hook()
     return ksm.restore_host_settings()

@@ -9,16 +9,26 @@ the daemon can do both:
 - ``fast`` while the backlog (memory the workers call fusible that KSM has
   not fused yet) is large: a full scan of all mergeable memory four times a
   second, as fast as KSM is usually run;
+- ``settling`` while a domain's worker has not measured it yet, or its
+  memory still moves (a guest booting), and the backlog is small: a full
+  scan a second. Most of what a booting guest shares with running ones
+  (kernel, libraries, page cache) is already in KSM's stable tree, and KSM
+  merges a page that matches the stable tree the first time it scans it,
+  without waiting for a second look; so one full scan a second fuses it
+  about as soon as its memory holds still, at a quarter of fast's cost,
+  and whatever the worker then finds fusible but unfused switches to
+  ``fast``;
 - ``slow`` once the backlog is small, or once fused memory stopped growing
   for a few full scans (what is left is not reachable, e.g. pages that keep
   changing between KSM's looks): barely scanning, since any new fusible
   memory will show up in the workers' reports and switch back to ``fast``;
 - ``idle`` with no page-fusion domain running: ``run=0``, merged pages kept.
 
-Fast mode also turns KSM's ``smart_scan`` off: it lets ksmd skip pages that
-failed to merge before for a growing number of scans, and was seen here to
-leave thousands of fusible pages unmerged for hundreds of full scans. Slow
-mode turns it back on, where skipping is the point.
+Fast and settling modes also turn KSM's ``smart_scan`` off: it lets ksmd
+skip pages that failed to merge before for a growing number of scans, and
+was seen here to leave thousands of fusible pages unmerged for hundreds of
+full scans (a booting guest's pages fail often before they hold still).
+Slow mode turns it back on, where skipping is the point.
 
 Each decision is written with its reason to ``/run/pagefusion/pacing.json``
 for ``pagefusion status``.
@@ -39,6 +49,8 @@ log = logging.getLogger(__name__)
 
 FAST_FULL_SCAN_S = 0.25
 FAST_SLEEP_MS = 5
+SETTLING_FULL_SCAN_S = 1.0
+SETTLING_SLEEP_MS = 20
 SLOW_PAGES_TO_SCAN = 100
 SLOW_SLEEP_MS = 500
 # The backlog counts as small below this many pages, or this share of the fusible total.
@@ -73,9 +85,11 @@ class Decision:
         return asdict(self)
 
 
-def fast_pages_to_scan(mergeable_pages: int) -> int:
-    """Pages per wake-up that scan all mergeable memory in FAST_FULL_SCAN_S."""
-    wakeups = FAST_FULL_SCAN_S * 1000 / FAST_SLEEP_MS
+def full_scan_pages_to_scan(
+    mergeable_pages: int, full_scan_s: float = FAST_FULL_SCAN_S, sleep_ms: int = FAST_SLEEP_MS
+) -> int:
+    """Pages per wake-up that scan all mergeable memory in ``full_scan_s``."""
+    wakeups = full_scan_s * 1000 / sleep_ms
     wanted = math.ceil(mergeable_pages / wakeups)
     return max(MIN_FAST_PAGES_TO_SCAN, min(MAX_PAGES_TO_SCAN, wanted))
 
@@ -114,10 +128,6 @@ class Pacer:
 
         if domains == 0:
             mode, reason = "idle", "no page-fusion domain runs"
-        elif unmeasured > 0:
-            mode, reason = "fast", f"{unmeasured} domain(s) not measured yet by their worker"
-        elif settling > 0:
-            mode, reason = "fast", f"{settling} domain(s) starting, their memory not settled yet"
         elif backlog <= margin:
             mode, reason = "slow", f"backlog of {backlog} pages is small"
         elif self.plateau_fusible is not None and fusible <= self.plateau_fusible + margin:
@@ -139,13 +149,25 @@ class Pacer:
             )
         else:
             mode, reason = "fast", f"backlog of {backlog} fusible pages not yet fused"
+        # Nothing known to fuse, but a domain whose memory is not known or
+        # not still yet: keep looking at a moderate pace.
+        if mode == "slow" and unmeasured > 0:
+            mode, reason = "settling", f"{unmeasured} domain(s) not measured yet by their worker"
+        elif mode == "slow" and settling > 0:
+            mode, reason = (
+                "settling",
+                f"{settling} domain(s) starting, their memory not settled yet",
+            )
 
         if mode == "fast" and self.mode != "fast":
             # A new start: give fused memory its full scans to grow again.
             self.best_fused_scan, self.plateau_fusible = full_scans, None
         self.mode = mode
         if mode == "fast":
-            run, pages, sleep = ksm.RUN_MERGE, fast_pages_to_scan(mergeable), FAST_SLEEP_MS
+            run, pages, sleep = ksm.RUN_MERGE, full_scan_pages_to_scan(mergeable), FAST_SLEEP_MS
+        elif mode == "settling":
+            pages = full_scan_pages_to_scan(mergeable, SETTLING_FULL_SCAN_S, SETTLING_SLEEP_MS)
+            run, sleep = ksm.RUN_MERGE, SETTLING_SLEEP_MS
         elif mode == "slow":
             run, pages, sleep = ksm.RUN_MERGE, SLOW_PAGES_TO_SCAN, SLOW_SLEEP_MS
         else:
@@ -156,7 +178,7 @@ class Pacer:
             run=run,
             pages_to_scan=pages,
             sleep_millisecs=sleep,
-            smart_scan=0 if mode == "fast" else 1,
+            smart_scan=0 if mode in ("fast", "settling") else 1,
             fusible_pages=fusible,
             fused_pages=fused,
             backlog_pages=backlog,

@@ -80,7 +80,9 @@ class ScanCounters:
     the contents are also in a foreign set.  ``hash_collisions`` counts
     fingerprint matches whose bytes differed, ``read_errors`` pages of the
     guest that could not be read, ``bytes_read`` every byte copied from any
-    process.  ``pages_total`` is the guest's mergeable size in pages and
+    process.  ``pages_unread_shared`` counts the pages KSM shares that kept
+    their class from their last look without being read (see ``pfcore.h``);
+    they are part of ``pages_scanned`` and of their class.  ``pages_total`` is the guest's mergeable size in pages and
     ``passes_per_cycle`` how many passes of the budget cover all of it.
     """
 
@@ -97,6 +99,7 @@ class ScanCounters:
     hash_collisions: int
     read_errors: int
     bytes_read: int
+    pages_unread_shared: int
 
 
 _COUNTER_NAMES: Final[tuple[str, ...]] = tuple(field.name for field in fields(ScanCounters))

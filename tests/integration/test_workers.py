@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import fusible_truth
 import pytest
 import testbed
 
-from pagefusion import ksm, runstate, supervision
+from pagefusion import journal, ksm, pacing, runstate, supervision
 from pagefusion.element import PageFusion
 from pagefusion.worker import read_report
 
@@ -122,6 +123,30 @@ def test_libvirtd_restart_leaves_exactly_one_worker_each(trio, libvirt_conn):
     assert all(libvirt_conn.lookupByUUIDString(uuid).isActive() for uuid in uuids)
 
 
+def test_reconnect_brings_back_the_workers_that_are_missing(trio, libvirt_conn, pf_daemon_process):
+    # With the daemon down nothing else replaces a worker: only libvirtd's
+    # reconnect call, when it restarts and finds the guests running, can.
+    uuids = [dom.UUIDString() for dom in trio]
+    pf_daemon_process.stop()
+    try:
+        for uuid in uuids[:2]:
+            supervision.stop(uuid)
+            assert testbed.eventually(lambda u=uuid: workers_of(u) == [], WORKER_START_S)
+        calls_before = len(journal.read())
+
+        libvirt_conn.restart_libvirtd()
+
+        for uuid in uuids[:2]:
+            assert testbed.eventually(lambda u=uuid: one_worker(u), WORKER_START_S)
+        assert workers_of(uuids[2]) == []
+        reconnected = {
+            c["uuid"] for c in journal.read()[calls_before:] if c["operation"] == "reconnect"
+        }
+        assert set(uuids) <= reconnected
+    finally:
+        pf_daemon_process.start()
+
+
 def test_the_worker_goes_when_its_domain_stops_or_crashes(guest_factory):
     stopped = guest_factory.boot(guest_factory.spec(ON))
     crashed = guest_factory.boot(guest_factory.spec(ON))
@@ -134,3 +159,40 @@ def test_the_worker_goes_when_its_domain_stops_or_crashes(guest_factory):
     for dom in (stopped, crashed):
         assert testbed.eventually(lambda d=dom: workers_of(d.UUIDString()) == [], 10.0)
         assert read_report(dom.UUIDString()) is None
+
+
+def test_status_shows_the_pacing_decision_the_settings_in_force_and_each_worker(
+    trio, running_daemon
+):
+    on_a, on_b, off = trio
+    for dom in (on_a, on_b):
+        assert testbed.eventually(lambda d=dom: one_worker(d.UUIDString()), WORKER_START_S)
+    assert testbed.eventually(lambda: pacing.read_decision() is not None, 10.0)
+
+    shown_names = ("run", "pages_to_scan", "sleep_millisecs")
+    before = {name: ksm.read_value(name) for name in shown_names}
+    status = json.loads(testbed.cli("status", "--json", check=True).stdout)
+    after = {name: ksm.read_value(name) for name in shown_names}
+
+    assert status["daemon_pid"] == running_daemon.process.pid
+    decision = status["pacing"]
+    assert decision["mode"] in ("fast", "slow") and decision["reason"]
+    assert decision["domains"] >= 2
+    assert decision["backlog_pages"] == max(0, decision["fusible_pages"] - decision["fused_pages"])
+    # The settings shown are those in force in the kernel (pacing may change
+    # them between the reads).
+    for name in shown_names:
+        assert status["ksm"][name] in (before[name], after[name]), name
+    assert status["ksm"]["run"] == ksm.RUN_MERGE
+    shown = {w["uuid"]: w for w in status["workers"]}
+    for dom in (on_a, on_b):
+        worker = shown[dom.UUIDString()]
+        assert worker["worker_pid"] == supervision.worker_pid(dom.UUIDString())
+        assert worker["domain"] == dom.name()
+    assert off.UUIDString() not in shown
+
+    text = testbed.cli("status", check=True).stdout
+    assert text.splitlines()[0].split(":")[1].strip() in ("fast", "slow"), text
+    assert "backlog" in text.splitlines()[1]
+    for dom in (on_a, on_b):
+        assert repr(dom.name()) in text

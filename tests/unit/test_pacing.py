@@ -31,19 +31,29 @@ def test_no_domain_stops_ksm_keeping_merged_pages():
     assert decision.mode == "idle" and decision.run == ksm.RUN_STOP
 
 
-def test_a_domain_not_measured_yet_scans_fast():
+def test_a_domain_not_measured_yet_scans_all_memory_once_a_second():
     decision = pacing.Pacer().decide([report(0, measured=False)], fused(0), domains=1)
-    assert decision.mode == "fast" and decision.run == ksm.RUN_MERGE
+    assert decision.mode == "settling" and decision.run == ksm.RUN_MERGE
+    assert "not measured yet" in decision.reason
     assert decision.smart_scan == 0
 
 
-def test_a_booting_domain_keeps_ksm_fast_for_a_while():
-    decision = pacing.Pacer().decide([report(100, settled=False)], fused(100), domains=1)
-    assert decision.mode == "fast" and "not settled" in decision.reason
+def test_a_booting_domain_keeps_ksm_looking_for_a_while():
+    booting = [report(100, total=2 * 65536, settled=False)]
+    decision = pacing.Pacer().decide(booting, fused(100), domains=1)
+    assert decision.mode == "settling" and "not settled" in decision.reason
+    wakeups_per_s = 1000 / decision.sleep_millisecs
+    full_scans_per_s = decision.pages_to_scan * wakeups_per_s / (2 * 65536)
+    assert full_scans_per_s == pytest.approx(1 / pacing.SETTLING_FULL_SCAN_S, rel=0.01)
 
     old = report(100, settled=False)
     old.started_at -= pacing.SETTLING_LIMIT_S + 1
     assert pacing.Pacer().decide([old], fused(100), domains=1).mode == "slow"
+
+
+def test_a_booting_domain_with_a_backlog_scans_fast():
+    decision = pacing.Pacer().decide([report(30000, settled=False)], fused(100), domains=1)
+    assert decision.mode == "fast"
 
 
 def test_a_large_backlog_scans_all_memory_several_times_a_second():
@@ -78,13 +88,16 @@ def test_fused_memory_that_stops_growing_ends_fast_scanning_until_more_is_found(
     assert pacer.decide([report(60000)], fused(43000, 17), domains=1).mode == "fast"
 
 
-def test_a_late_arrival_scans_fast_after_a_plateau():
+def test_a_late_arrival_is_looked_for_after_a_plateau_and_fused_fast_once_measured():
     pacer = pacing.Pacer()
     pacer.decide([report(50000)], fused(43000, 1), domains=1)
     assert pacer.decide([report(50000)], fused(43000, 5), domains=1).mode == "slow"
     late = pacer.decide([report(50000), report(0, measured=False)], fused(43000, 5), domains=2)
-    assert late.mode == "fast"
+    assert late.mode == "settling"
     assert "not measured yet" in late.reason
+    # Its worker finds 20000 fusible pages that KSM has not fused yet.
+    measured = pacer.decide([report(50000), report(20000)], fused(43000, 6), domains=2)
+    assert measured.mode == "fast"
 
 
 def test_a_worker_looks_less_often_while_the_guest_is_settled():
