@@ -82,8 +82,9 @@ class ScanCounters:
     guest that could not be read, ``bytes_read`` every byte copied from any
     process.  ``pages_unread_shared`` counts the pages KSM shares that kept
     their class from their last look without being read (see ``pfcore.h``);
-    they are part of ``pages_scanned`` and of their class.  ``pages_total`` is the guest's mergeable size in pages and
-    ``passes_per_cycle`` how many passes of the budget cover all of it.
+    they are part of ``pages_scanned`` and of their class.  ``pages_total``
+    is the guest's mergeable size in pages and ``passes_per_cycle`` how many
+    passes of the budget cover all of it.
     """
 
     pages_total: int
