@@ -242,6 +242,7 @@ class Worker:
         self.settings = settings
         self.group = record.page_fusion.effective_group
         self.foreign_mtimes: dict[str, float] = {}
+        self.published_fingerprints: bytes | None = None
 
     def _load_foreign(self, scanner) -> None:
         """Load the published sets of the other running domains of our group."""
@@ -276,9 +277,13 @@ class Worker:
         runstate.write_atomically(
             report_path(self.record.uuid), json.dumps(asdict(report)), sync=False
         )
-        runstate.write_atomically(
-            index_dir(self.group) / f"{self.record.uuid}.fp", scanner.fingerprints(), sync=False
-        )
+        fingerprints = scanner.fingerprints()
+        published = index_dir(self.group) / f"{self.record.uuid}.fp"
+        if fingerprints == self.published_fingerprints and published.exists():
+            # Unchanged: rewriting it would make every other worker load it again.
+            return
+        runstate.write_atomically(published, fingerprints, sync=False)
+        self.published_fingerprints = fingerprints
 
     def run(self, qemu_pidfd: int) -> None:
         from pagefusion import scanner as native

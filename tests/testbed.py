@@ -63,6 +63,10 @@ class SharedConnection:
     def restart_libvirtd(self) -> None:
         """Restart libvirtd (guests keep running) and connect again."""
         services.restart_libvirtd()
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """Connect again, after something else restarted libvirtd."""
         self._conn = open_connection()
 
     def __getattr__(self, name: str):

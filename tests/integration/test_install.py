@@ -33,6 +33,7 @@ def test_uninstall_stops_pacing_and_puts_back_the_hosts_ksm_settings(
             ).stdout
         )
         assert report["daemon_started"] and report["libvirtd_restarted"]
+        libvirt_conn.reconnect()
         dom = guest_factory.boot(guest_factory.spec(PageFusion(enabled=True, group="pftest")))
         uuid = dom.UUIDString()
         # While a page-fusion domain runs, pagefusion paces KSM.
