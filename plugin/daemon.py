@@ -31,7 +31,11 @@ from pagefusion.errors import HostError, PagefusionError
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = 1.0
+# Periodic work (replace dead workers, pace KSM) runs every TICK_S while KSM
+# scans fast or a new domain settles, every QUIET_TICK_S otherwise; a domain
+# that starts or stops brings the next tick forward.
 TICK_S = 1.0
+QUIET_TICK_S = 5.0
 # How long to gather events before acting, so a burst for one domain (an
 # edit gives DEFINED, then METADATA_CHANGE) costs one reconcile.
 GATHER_S = 0.05
@@ -48,10 +52,12 @@ class Daemon:
         self.stopping = threading.Event()
         self.conn: libvirt.virConnect | None = None
         # Every tick: replace workers that died, then pace KSM by their reports.
+        self.pacing = pacing.PacingTask()
         self.periodic: list[Callable[[libvirt.virConnect], object]] = [
             lambda _conn: supervision.ensure_all(),
-            pacing.PacingTask(),
+            self.pacing,
         ]
+        self.tick_soon = threading.Event()
         self._callbacks: list[int] = []
         self._lock_fd: int | None = None
         self.metrics_server = None
@@ -60,6 +66,8 @@ class Daemon:
     # -- libvirt callbacks (event thread): queue only -----------------------
 
     def _on_lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED):
+            self.tick_soon.set()
         if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_STARTED):
             self.pending.put(dom.UUIDString())
 
@@ -110,10 +118,10 @@ class Daemon:
         if removed:
             log.info("forgot %d ledger entries of long-gone domains", removed)
 
-    def _drain(self) -> bool:
+    def _drain(self, timeout_s: float) -> bool:
         """Reconcile queued domains; False when the connection must be renewed."""
         try:
-            first = self.pending.get(timeout=TICK_S)
+            first = self.pending.get(timeout=timeout_s)
         except queue.Empty:
             return True
         time.sleep(GATHER_S)
@@ -131,15 +139,23 @@ class Daemon:
         self.conn = self._connect()
         try:
             self.reconcile_all()
-            last_tick = -TICK_S
+            next_tick = 0.0
             while not self.stopping.is_set() and self.conn.isAlive():
-                if time.monotonic() - last_tick >= TICK_S:
-                    last_tick = time.monotonic()
+                if time.monotonic() >= next_tick or self.tick_soon.is_set():
+                    self.tick_soon.clear()
                     self._tick()
-                if not self._drain():
+                    next_tick = time.monotonic() + self._tick_interval_s()
+                wait_s = min(TICK_S, max(0.0, next_tick - time.monotonic()))
+                if not self._drain(wait_s):
                     return
         finally:
             self._disconnect()
+
+    def _tick_interval_s(self) -> float:
+        decision = self.pacing.previous
+        if decision is not None and decision.mode in ("slow", "idle"):
+            return QUIET_TICK_S
+        return TICK_S
 
     def _tick(self) -> None:
         for task in self.periodic:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ class HookCall:
         return element.from_domain(self.domain)
 
 
+def set_command(name: str, state: str) -> str:
+    """The command that changes a domain's setting, quoted for a shell."""
+    return f'"pagefusion set {shlex.quote(name)} {state}"'
+
+
 def check_merge_setting(call: HookCall) -> None:
     """Refuse a domain whose merge setting contradicts its page-fusion element.
 
@@ -52,13 +58,13 @@ def check_merge_setting(call: HookCall) -> None:
     if value.enabled and domainxml.merging_disabled(call.domain):
         raise RuleError(
             f"domain {call.name!r} has page fusion on but <memoryBacking><nosharepages/>"
-            f" forbids merging; run 'pagefusion set {call.name} on' to make them agree"
+            f" forbids merging; run {set_command(call.name, 'on')} to make them agree"
         )
     if not value.enabled and not domainxml.merging_disabled(call.domain):
         raise RuleError(
             f"domain {call.name!r} has page fusion off but its memory is mergeable (no"
-            f" <memoryBacking><nosharepages/>); run 'pagefusion set {call.name} off'"
-            " to isolate it, or 'pagefusion set ... on' to fuse it"
+            f" <memoryBacking><nosharepages/>); run {set_command(call.name, 'off')}"
+            f" to isolate it, or {set_command(call.name, 'on')} to fuse it"
         )
 
 
@@ -114,8 +120,8 @@ def check_slipped_change(call: HookCall) -> None:
     raise RuleError(
         f"domain {call.name!r}: page fusion was changed from {entry.slipped_from.describe()}"
         f" to {entry.slipped_to.describe()} while the domain was running, and nothing undid"
-        f" it; to start with it, run 'pagefusion set {call.name} {wanted}', or to keep the"
-        f" old value run 'pagefusion set {call.name} {kept}', then start again"
+        f" it; to start with it, run {set_command(call.name, wanted)}, or to keep the"
+        f" old value run {set_command(call.name, kept)}, then start again"
     )
 
 
@@ -129,7 +135,7 @@ def check_ksm(call: HookCall) -> None:
         return
     raise RuleError(
         f"domain {call.name!r} has page fusion on, but KSM is {reason} on this host"
-        f" ({ksm.SYSFS}); start it with page fusion off ('pagefusion set {call.name} off'),"
+        f" ({ksm.SYSFS}); start it with page fusion off ({set_command(call.name, 'off')}),"
         f" or set 'unavailable = allow' under [ksm] in {config.CONFIG_PATH} to run it unfused"
     )
 

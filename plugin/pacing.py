@@ -11,13 +11,12 @@ the daemon can do both:
   second, as fast as KSM is usually run;
 - ``settling`` while a domain's worker has not measured it yet, or its
   memory still moves (a guest booting), and the backlog is small: a full
-  scan a second. Most of what a booting guest shares with running ones
-  (kernel, libraries, page cache) is already in KSM's stable tree, and KSM
-  merges a page that matches the stable tree the first time it scans it,
-  without waiting for a second look; so one full scan a second fuses it
-  about as soon as its memory holds still, at a quarter of fast's cost,
-  and whatever the worker then finds fusible but unfused switches to
-  ``fast``;
+  scan every two seconds. Most of what a booting guest shares with
+  running ones (kernel, libraries, page cache) is already in KSM's stable
+  tree, and KSM merges a page that matches the stable tree the first time
+  it scans it, without waiting for a second look; so this fuses it soon
+  after its memory holds still, at an eighth of fast's cost, and whatever
+  the worker then finds fusible but unfused switches to ``fast``;
 - ``slow`` once the backlog is small, or once fused memory stopped growing
   for a few full scans (what is left is not reachable, e.g. pages that keep
   changing between KSM's looks): barely scanning, since any new fusible
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 
 FAST_FULL_SCAN_S = 0.25
 FAST_SLEEP_MS = 5
-SETTLING_FULL_SCAN_S = 1.0
+SETTLING_FULL_SCAN_S = 2.0
 SETTLING_SLEEP_MS = 20
 SLOW_PAGES_TO_SCAN = 100
 SLOW_SLEEP_MS = 500
@@ -102,6 +101,9 @@ class Pacer:
         self.best_fused = 0
         self.best_fused_scan = 0
         self.plateau_fusible: int | None = None
+        # Domains whose memory has held still once: later flux (KSM cleared,
+        # a program started in the guest) is no longer a guest starting.
+        self.settled_once: set[str] = set()
 
     def decide(self, reports: list[Report], counters: dict[str, int], domains: int) -> Decision:
         fused = counters.get("pages_sharing", 0) + counters.get("ksm_zero_pages", 0)
@@ -110,10 +112,14 @@ class Pacer:
         mergeable = sum(r.pages_total for r in reports)
         now = time.time()
         unmeasured = domains - sum(1 for r in reports if r.measured)
+        self.settled_once &= {r.uuid for r in reports}
+        self.settled_once |= {r.uuid for r in reports if r.settled}
         settling = sum(
             1
             for r in reports
-            if r.measured and not r.settled and now - r.started_at < SETTLING_LIMIT_S
+            if r.measured
+            and r.uuid not in self.settled_once
+            and now - r.started_at < SETTLING_LIMIT_S
         )
 
         full_scans = counters.get("full_scans", 0)

@@ -47,6 +47,9 @@ BUDGET_WINDOW_S = 60.0
 # guest needs only a look now and then to notice new fusible memory.
 MIN_PASS_INTERVAL_S = 1.0
 MAX_PASS_INTERVAL_S = 120.0
+# A guest that settled once and moves again (a program started, KSM cleared)
+# is looked at less eagerly than a guest booting.
+RESETTLE_PASS_INTERVAL_S = 8.0
 # A change of the fusible count by more than this share counts as flux.
 SETTLED_CHANGE = 0.02
 # The class totals a report carries, summed over one cycle of passes.
@@ -59,6 +62,7 @@ CYCLE_FIELDS = (
     "pages_fusible",
     "pages_fusible_zero",
     "pages_foreign",
+    "pages_unread_shared",
 )
 
 
@@ -228,11 +232,19 @@ class TokenBucket:
         self.stamp = now
 
 
-def next_interval(interval_s: float, before: int | None, after: int) -> float:
+def count_held(before: int | None, after: int) -> bool:
+    """True if the fusible count held from one cycle to the next."""
+    return before is not None and abs(after - before) <= SETTLED_CHANGE * max(before, 1)
+
+
+def next_interval(
+    interval_s: float, before: int | None, after: int, settled_once: bool = False
+) -> float:
     """The pause after a cycle: back to the minimum when the fusible count
-    moved, twice as long (up to the maximum) when it held."""
-    if before is None or abs(after - before) > SETTLED_CHANGE * max(before, 1):
-        return MIN_PASS_INTERVAL_S
+    moved (a longer one for a guest that settled before), twice as long (up
+    to the maximum) when it held."""
+    if not count_held(before, after):
+        return RESETTLE_PASS_INTERVAL_S if settled_once else MIN_PASS_INTERVAL_S
     return min(MAX_PASS_INTERVAL_S, interval_s * 2)
 
 
@@ -302,6 +314,7 @@ class Worker:
         cycle = dict.fromkeys(CYCLE_FIELDS, 0)
         passes = 0
         interval_s = MIN_PASS_INTERVAL_S
+        settled_once = False
         pages_per_pass = self.settings.worker_pages_per_pass
 
         with native.PageScanner(self.record.qemu_pid, key, pages_per_pass=pages_per_pass) as pages:
@@ -321,8 +334,11 @@ class Worker:
                     cycle["pages_fusible"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     cycle["pages_fusible_zero"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     before = report.cycle.get("pages_fusible") if report.cycles else None
-                    interval_s = next_interval(interval_s, before, cycle["pages_fusible"])
-                    report.settled = interval_s > MIN_PASS_INTERVAL_S
+                    interval_s = next_interval(
+                        interval_s, before, cycle["pages_fusible"], settled_once
+                    )
+                    report.settled = count_held(before, cycle["pages_fusible"])
+                    settled_once = settled_once or report.settled
                     report.cycle, report.cycles = dict(cycle), report.cycles + 1
                     report.pages_total = counters.pages_total
                     report.pages_unpopulated = unpopulated

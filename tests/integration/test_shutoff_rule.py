@@ -10,13 +10,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 
 import libvirt
 import pytest
 import testbed
 
 from pagefusion import domainxml, element, ledger
-from pagefusion.element import PageFusion
+from pagefusion.element import NAMESPACE, PageFusion
 from pagefusion.errors import ElementError
 from pagefusion.settings import INACTIVE_XML
 
@@ -173,6 +174,12 @@ def test_shut_off_changes_are_accepted_by_every_path(shut_off, running_daemon, t
     assert merging
     assert persistent_value(shut_off) == ON
 
+    # The last change takes effect at the next start: QEMU's memory is mergeable.
+    shut_off.create()
+    assert testbed.qemu_facts(name) == (False, True)
+    shown = json.loads(testbed.cli("show", name, "--json", check=True).stdout)
+    assert shown["running_with"] == {"state": "on", "group": "pftest"}
+
 
 def test_the_setting_decides_whether_qemu_memory_is_mergeable(guest_factory, running):
     off = guest_factory.boot(guest_factory.spec(PageFusion()))
@@ -205,7 +212,7 @@ def test_a_change_made_while_the_daemon_was_down_blocks_the_next_start(
             f"pagefusion: domain {dom.name()!r}: page fusion was changed from on (group"
             f" 'pftest') to off while the domain was running" in refused.stderr
         )
-        assert f"'pagefusion set {dom.name()} off'" in refused.stderr
+        assert f'"pagefusion set {dom.name()} off"' in refused.stderr
         assert persistent_value(dom) == PageFusion()  # the domain and its setting are kept
 
         done = testbed.cli("set", dom.name(), "off")
@@ -235,19 +242,78 @@ def test_restore_with_a_changed_element_is_refused(guest_factory, running_daemon
     assert dom.isActive()
 
 
-def test_bad_elements_refuse_the_start_with_one_line(guest_factory, tmp_path):
+def test_managed_save_with_a_changed_element_is_refused(guest_factory, running_daemon, tmp_path):
+    dom = guest_factory.boot(guest_factory.spec(ON))
+    name = dom.name()
+    testbed.virsh("managedsave", name)
+    original = testbed.virsh("managedsave-dumpxml", name).stdout
+    original_path, changed_path = tmp_path / "original.xml", tmp_path / "changed.xml"
+    original_path.write_text(original)
+    changed_path.write_text(original.replace('state="on"', 'state="off"'))
+    testbed.virsh("managedsave-define", name, str(changed_path))
+
+    refused = testbed.virsh("start", name, check=False)
+    assert refused.returncode != 0
+    assert "was saved while running with page fusion on (group 'pftest')" in refused.stderr
+    assert not dom.isActive()
+
+    # With the image's own XML put back, the guest resumes from it.
+    testbed.virsh("managedsave-define", name, str(original_path))
+    testbed.virsh("start", name)
+    assert dom.isActive()
+
+
+def page_fusion_xml(attributes: str, prefix: str = "pagefusion", namespace: str = NAMESPACE) -> str:
+    return f'<{prefix}:page-fusion xmlns:{prefix}="{namespace}" {attributes}/>'
+
+
+# case: (the element put in <metadata>, what the refusal must say). A repeated
+# element cannot get here: libvirt keeps one element per metadata namespace
+# (tests/unit/test_element.py covers it).
+BAD_ELEMENTS = {
+    "unknown state": (
+        page_fusion_xml('state="sometimes"'),
+        "page-fusion state 'sometimes' is not valid",
+    ),
+    "no state": (page_fusion_xml('group="lab"'), "has no 'state' attribute"),
+    "other namespace": (
+        page_fusion_xml('state="on"', "pf", "http://example.org/not-pagefusion"),
+        "<page-fusion> in 'http://example.org/not-pagefusion' is not pagefusion's",
+    ),
+    "oversized group": (
+        page_fusion_xml(f'state="on" group="{"g" * 300}"'),
+        "invalid page-fusion group",
+    ),
+    "non-printable group": (
+        page_fusion_xml('state="on" group="lab&#x200b;1"'),
+        "invalid page-fusion group",
+    ),
+    "unknown attribute": (
+        page_fusion_xml('state="on" colour="red"'),
+        "invalid <pagefusion:page-fusion>",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ELEMENTS)
+def test_bad_elements_refuse_the_start_with_one_line(guest_factory, case):
+    bad, reason = BAD_ELEMENTS[case]
     spec = guest_factory.spec(PageFusion())
+    spec = type(spec)(f'{spec.name} "bad" ü', PageFusion())
     dom = guest_factory.define(spec)
-    xml = dom.XMLDesc(INACTIVE_XML).replace('state="off"', 'state="sometimes"')
+    xml = re.sub(r"<([\w-]+:)?page-fusion [^>]*/>", lambda _m: bad, dom.XMLDesc(INACTIVE_XML))
     dom.connect().defineXML(xml)
+    defined = dom.XMLDesc(INACTIVE_XML)
 
     refused = testbed.virsh("start", spec.name, check=False)
 
     assert refused.returncode != 0
-    reason = f"pagefusion: domain {spec.name!r}: page-fusion state 'sometimes' is not valid"
-    assert reason in refused.stderr
+    ours = [line for line in refused.stderr.splitlines() if "pagefusion:" in line]
+    assert len(ours) == 1, refused.stderr
+    assert f"pagefusion: domain {spec.name!r}" in ours[0] and reason in ours[0], ours[0]
     assert "Traceback" not in refused.stderr
     assert not dom.isActive()
+    assert dom.XMLDesc(INACTIVE_XML) == defined  # nothing else altered
 
 
 def test_domain_names_with_spaces_quotes_and_unicode_work(guest_factory):

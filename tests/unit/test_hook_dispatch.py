@@ -9,6 +9,7 @@ process) and without one (the hook runs the call itself).
 from __future__ import annotations
 
 import io
+import shlex
 import subprocess
 import sys
 
@@ -76,6 +77,14 @@ def test_prepare_refuses_page_fusion_off_on_mergeable_memory(run_hook):
     done = run_hook("vm1", "prepare", "begin", "-", stdin=domain_xml("off", nosharepages=False))
     assert done.returncode == 1
     assert "pagefusion set vm1 off" in done.stderr
+
+
+def test_the_advice_quotes_a_domain_name_for_the_shell(run_hook):
+    name = "lab vm 'one'"
+    xml = domain_xml("on", nosharepages=True, name="lab vm &apos;one&apos;")
+    done = run_hook(name, "prepare", "begin", "-", stdin=xml)
+    assert done.returncode == 1
+    assert f'"pagefusion set {shlex.quote(name)} on"' in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("operation", ["reconnect", "attach", "started", "stopped", "release"])

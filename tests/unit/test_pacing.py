@@ -107,3 +107,11 @@ def test_a_worker_looks_less_often_while_the_guest_is_settled():
         interval = worker.next_interval(interval, 1000, 1005)
     assert interval == worker.MAX_PASS_INTERVAL_S
     assert worker.next_interval(interval, 1000, 1500) == worker.MIN_PASS_INTERVAL_S
+
+
+def test_a_domain_that_settled_once_is_not_starting_when_its_memory_moves_again():
+    pacer = pacing.Pacer()
+    assert pacer.decide([report(100, settled=True)], fused(100), domains=1).mode == "slow"
+    # KSM cleared or a program started in the guest: its worker sees flux again.
+    moving = pacer.decide([report(100, settled=False)], fused(100), domains=1)
+    assert moving.mode == "slow"

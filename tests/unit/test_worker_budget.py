@@ -62,3 +62,10 @@ def test_the_bucket_never_saves_more_than_its_capacity(clock):
     assert bucket.wait_s() == 0.0
     bucket.spend(0.02)
     assert bucket.wait_s() == pytest.approx(1.0)
+
+
+def test_a_guest_that_settled_once_is_looked_at_less_eagerly_when_it_moves_again():
+    assert worker.next_interval(120.0, 1000, 5000) == worker.MIN_PASS_INTERVAL_S
+    resettling = worker.next_interval(120.0, 1000, 5000, settled_once=True)
+    assert resettling == worker.RESETTLE_PASS_INTERVAL_S > worker.MIN_PASS_INTERVAL_S
+    assert worker.count_held(1000, 1010) and not worker.count_held(None, 1000)
