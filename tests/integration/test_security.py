@@ -54,6 +54,32 @@ def test_reading_guest_memory_asks_for_read_access_only(guest_factory, tmp_path)
     assert "ptrace(" not in calls
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_a_running_worker_opens_guest_memory_read_only(guest_factory, tmp_path):
+    # Traced from its first passes, while the guest boots and it looks every second.
+    dom = guest_factory.define(guest_factory.spec(ON))
+    dom.create()
+    worker = testbed.eventually(lambda: supervision.worker_pid(dom.UUIDString()), 10.0)
+    assert worker
+    pid = runstate.qemu_pid_of(dom.name())
+    trace = tmp_path / "trace"
+
+    subprocess.run(
+        ["timeout", "-s", "INT", "5", "strace", "-p", str(worker), "-f", "-qq",
+         "-o", str(trace), "-e", "trace=openat,open,process_vm_readv,process_vm_writev,ptrace"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    calls = trace.read_text()
+    opens_of_guest = [
+        line for line in calls.splitlines() if re.search(rf'"/proc/{pid}/(mem|pagemap)"', line)
+    ]
+    assert any(f'"/proc/{pid}/mem"' in line for line in opens_of_guest), calls[-2000:]
+    assert all("O_RDONLY" in line and "O_RDWR" not in line for line in opens_of_guest)
+    assert "process_vm_writev" not in calls and "process_vm_readv" not in calls
+    assert "ptrace(" not in calls
+
+
 def test_a_worker_keeps_only_the_capabilities_reading_needs(guest_factory):
     dom = guest_factory.boot(guest_factory.spec(ON))
     pid = testbed.eventually(lambda: supervision.worker_pid(dom.UUIDString()), 10.0)

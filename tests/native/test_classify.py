@@ -436,3 +436,33 @@ def test_random_churn_settles_to_exact_counts(spawn) -> None:
             _, fps, _ = parse_export(scanned.fingerprints())
             assert fps == sorted(set(fps))
             assert len(fps) == distinct
+
+
+def test_pages_mapped_shared_and_unchanged_are_counted_without_reading(spawn) -> None:
+    # Mapped but never written: reading maps the kernel's zero page, present
+    # and not exclusive to the process, as a page KSM merged would be.
+    child = spawn()
+    addr = child.call(op="map", pages=64)
+    with scanner.PageScanner(child.pid, KEY, pages_per_pass=4096) as pages:
+        first, second, third = (pages.scan_pass() for _ in range(3))
+        # The first cycle reads everything; the second finds the pages stable.
+        assert first.pages_unread_shared == second.pages_unread_shared == 0
+        assert second.bytes_read >= 64 * PAGE
+        assert third.pages_unread_shared == 64
+        assert third.bytes_read == 0
+        for name in ("pages_scanned", "pages_zero", "pages_fusible", "pages_fusible_zero"):
+            assert getattr(third, name) == getattr(second, name) == 64, name
+
+        # A write gives the page a private copy, exclusive to the process: read again.
+        child.write(addr, {5: 7})
+        fourth = pages.scan_pass()
+        assert fourth.pages_unread_shared == 63
+        assert fourth.pages_volatile == 1
+        assert fourth.bytes_read == PAGE
+        assert fourth.pages_zero == fourth.pages_fusible == 63
+
+        # Every PF_FULL_READ_CYCLES-th cycle reads every page again.
+        later = [pages.scan_pass() for _ in range(scanner.lib.PF_FULL_READ_CYCLES - 3)]
+        assert later[-1].pages_unread_shared == 0
+        assert later[-1].bytes_read >= 64 * PAGE
+        assert all(p.pages_unread_shared == 63 for p in later[:-1])

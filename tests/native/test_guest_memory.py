@@ -46,15 +46,6 @@ for line in sys.stdin:
         if cmd["mergeable"]:
             assert libc.madvise(reply, size, mmap.MADV_MERGEABLE) == 0
         fill(reply, cmd["seeds"])
-    elif cmd["op"] == "reserve":
-        # Mapped and mergeable but never written: reading it maps the zero page.
-        size = cmd["pages"] * PAGE
-        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        reply = libc.mmap(None, size, prot, flags, -1, 0)
-        assert libc.madvise(reply, size, mmap.MADV_MERGEABLE) == 0
-    elif cmd["op"] == "poke":
-        fill(cmd["addr"] + cmd["index"] * PAGE, [cmd["seed"]])
-        reply = 0
     elif cmd["op"] == "unmap":
         reply = libc.munmap(cmd["addr"], cmd["pages"] * PAGE)
     elif cmd["op"] == "protect":
@@ -204,31 +195,3 @@ def test_closed_scanner_refuses_work() -> None:
     pages.close()
     with pytest.raises(PagefusionError, match="closed"):
         pages.scan_pass()
-
-
-def test_pages_mapped_shared_and_unchanged_are_counted_without_reading(child: Child) -> None:
-    # Never-written memory maps the kernel's zero page: present, not exclusive.
-    addr = child.call(op="reserve", pages=64)
-    with scanner.PageScanner(child.pid, KEY, pages_per_pass=4096) as pages:
-        first, second, third = (pages.scan_pass() for _ in range(3))
-        # The first cycle reads everything; the second finds the pages stable.
-        assert first.pages_unread_shared == second.pages_unread_shared == 0
-        assert second.bytes_read >= 64 * PAGE
-        assert third.pages_unread_shared == 64
-        assert third.bytes_read == 0
-        for name in ("pages_scanned", "pages_zero", "pages_fusible", "pages_fusible_zero"):
-            assert getattr(third, name) == getattr(second, name) == 64, name
-
-        # A write gives the page a private copy, exclusive to the process: read again.
-        child.call(op="poke", addr=addr, index=5, seed=7)
-        fourth = pages.scan_pass()
-        assert fourth.pages_unread_shared == 63
-        assert fourth.pages_volatile == 1
-        assert fourth.bytes_read == PAGE
-        assert fourth.pages_zero == fourth.pages_fusible == 63
-
-        # Every PF_FULL_READ_CYCLES-th cycle reads every page again.
-        later = [pages.scan_pass() for _ in range(scanner.lib.PF_FULL_READ_CYCLES - 3)]
-        assert later[-1].pages_unread_shared == 0
-        assert later[-1].bytes_read >= 64 * PAGE
-        assert all(p.pages_unread_shared == 63 for p in later[:-1])

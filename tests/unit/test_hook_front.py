@@ -36,6 +36,23 @@ def hook_script(private_paths, tmp_path):
     return script
 
 
+@pytest.fixture
+def server(private_paths):
+    """A daemon's hook server, in this process."""
+    serving = hookserver.HookServer()
+    serving.start()
+    try:
+        yield serving
+    finally:
+        serving.stop()
+
+
+def connect(server) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(server.path))
+    return client
+
+
 def call(script, *argv: str, stdin: str = XML) -> tuple[subprocess.CompletedProcess, float]:
     began = time.monotonic()
     done = subprocess.run(
@@ -52,33 +69,17 @@ def listen(path) -> socket.socket:
     return listener
 
 
-def test_a_served_call_runs_once_in_the_daemon(hook_script):
-    server = hookserver.HookServer()
-    server.start()
-    try:
-        done, _ = call(hook_script, "vm1", "prepare", "begin", "-")
-    finally:
-        server.stop()
+def test_a_served_call_runs_once_in_the_daemon(hook_script, server):
+    done, _ = call(hook_script, "vm1", "prepare", "begin", "-")
     assert done.returncode == 0, done.stderr
     assert server.served == 1
     assert runstate.load(UUID).phase == runstate.PHASE_PREPARED
     assert [c["operation"] for c in journal.read()] == ["prepare"]
 
 
-def test_a_refusal_reaches_libvirt_through_the_daemon(hook_script):
-    server = hookserver.HookServer()
-    server.start()
-    try:
-        done, _ = call(
-            hook_script,
-            "vm1",
-            "prepare",
-            "begin",
-            "-",
-            stdin=XML.replace('state="on"', 'state="maybe"'),
-        )
-    finally:
-        server.stop()
+def test_a_refusal_reaches_libvirt_through_the_daemon(hook_script, server):
+    bad = XML.replace('state="on"', 'state="maybe"')
+    done, _ = call(hook_script, "vm1", "prepare", "begin", "-", stdin=bad)
     assert done.returncode == 1
     assert done.stderr.startswith("pagefusion: domain 'vm1': page-fusion state 'maybe'")
     assert server.served == 1
@@ -130,41 +131,29 @@ def test_a_daemon_that_dies_with_the_call_leaves_it_to_the_front(hook_script):
     assert len(journal.read()) == 1
 
 
-def test_a_call_the_front_gave_up_on_is_not_run(private_paths):
-    server = hookserver.HookServer()
-    server.start()
-    try:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(server.path))
-        argv = [b"vm1", b"prepare", b"begin", b"-"]
-        parts = [b"PFH1", struct.pack("=I", len(argv))]
-        for arg in (*argv, XML.encode()):
-            parts += [struct.pack("=I", len(arg)), arg]
-        client.sendall(b"".join(parts))
-        assert client.recv(1) == b"R"
-        client.close()  # no 'G': the front runs the call itself
-        time.sleep(0.3)
-    finally:
-        server.stop()
+def test_a_call_the_front_gave_up_on_is_not_run(server):
+    client = connect(server)
+    argv = [b"vm1", b"prepare", b"begin", b"-"]
+    parts = [b"PFH1", struct.pack("=I", len(argv))]
+    for arg in (*argv, XML.encode()):
+        parts += [struct.pack("=I", len(arg)), arg]
+    client.sendall(b"".join(parts))
+    assert client.recv(1) == b"R"
+    client.close()  # no 'G': the front runs the call itself
+    time.sleep(0.3)
     assert server.served == 0
     assert runstate.load(UUID) is None
     assert journal.read() == []
 
 
-def test_garbage_on_the_socket_is_dropped(private_paths):
-    server = hookserver.HookServer()
-    server.start()
+def test_garbage_on_the_socket_is_dropped(server):
+    client = connect(server)
+    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    client.settimeout(5)
     try:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(server.path))
-        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        client.settimeout(5)
-        try:
-            answer = client.recv(1)
-        except ConnectionResetError:  # closed with our bytes unread
-            answer = b""
-        assert answer == b""  # closed on us, no answer
-        client.close()
-    finally:
-        server.stop()
+        answer = client.recv(1)
+    except ConnectionResetError:  # closed with our bytes unread
+        answer = b""
+    assert answer == b""  # closed on us, no answer
+    client.close()
     assert server.served == 0
