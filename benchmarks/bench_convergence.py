@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -332,6 +333,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.guest = {"memory_mib": args.memory_mib, "unique_mib": 32, "volatile_mib": 8}
+    # Stopped with SIGTERM, still remove the guests and put KSM back.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     conn = testbed.ensure_libvirtd_with_hook()
     testbed.remove_leftover_guests(conn)

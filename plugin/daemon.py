@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = 1.0
 # Periodic work (replace dead workers, pace KSM) runs every TICK_S while KSM
-# scans fast or a new domain settles, every QUIET_TICK_S otherwise; a domain
-# that starts or stops brings the next tick forward.
+# scans fast or a new domain settles, every QUIET_TICK_S otherwise. A domain
+# that starts or stops, a worker's new report, or fused memory falling (a
+# cheap look every TICK_S) brings the next tick forward.
 TICK_S = 1.0
 QUIET_TICK_S = 5.0
 # How long to gather events before acting, so a burst for one domain (an
@@ -139,14 +140,22 @@ class Daemon:
         self.conn = self._connect()
         try:
             self.reconcile_all()
-            next_tick = 0.0
+            next_tick = next_look = 0.0
             while not self.stopping.is_set() and self.conn.isAlive():
-                if time.monotonic() >= next_tick or self.tick_soon.is_set():
+                now = time.monotonic()
+                looking = now >= next_look
+                if looking:
+                    next_look = now + TICK_S
+                if (
+                    now >= next_tick
+                    or self.tick_soon.is_set()
+                    or (looking and self.pacing.needs_decision())
+                ):
                     self.tick_soon.clear()
                     self._tick()
                     next_tick = time.monotonic() + self._tick_interval_s()
-                wait_s = min(TICK_S, max(0.0, next_tick - time.monotonic()))
-                if not self._drain(wait_s):
+                wait_s = min(next_look, next_tick) - time.monotonic()
+                if not self._drain(max(0.0, wait_s)):
                     return
         finally:
             self._disconnect()

@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from pagefusion import ksm, paths, runstate
+from pagefusion.errors import PagefusionError
 from pagefusion.worker import Report, read_report
 
 log = logging.getLogger(__name__)
@@ -232,16 +233,45 @@ def running_page_fusion_records() -> list[runstate.DomainRecord]:
     ]
 
 
+def _fused_pages_now() -> int | None:
+    try:
+        return int(ksm.read_value("pages_sharing")) + int(
+            ksm.read_value("ksm_zero_pages") if (ksm.SYSFS / "ksm_zero_pages").exists() else 0
+        )
+    except (OSError, ValueError, PagefusionError):
+        return None
+
+
+def _reports_stamp() -> int | None:
+    """Changes whenever a worker writes its report (they are replaced, not rewritten)."""
+    try:
+        return paths.worker_dir().stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class PacingTask:
     """The daemon's periodic task: read the reports, decide, apply."""
 
     def __init__(self) -> None:
         self.pacer = Pacer()
         self.previous: Decision | None = None
+        self.reports_stamp: int | None = None
+
+    def needs_decision(self) -> bool:
+        """Between quiet decisions, a cheap look (one stat, two KSM counters): did
+        a worker report since, or did fused memory fall (KSM cleared, unmerged)?"""
+        previous = self.previous
+        if previous is None or _reports_stamp() != self.reports_stamp:
+            return True
+        fused = _fused_pages_now()
+        margin = max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * previous.fusible_pages)
+        return fused is not None and fused < previous.fused_pages - margin
 
     def __call__(self, _conn=None) -> Decision | None:
         if not ksm.available():
             return None
+        self.reports_stamp = _reports_stamp()
         records = running_page_fusion_records()
         reports = [r for r in (read_report(rec.uuid) for rec in records) if r is not None]
         decision = self.pacer.decide(reports, ksm.counters(), len(records))

@@ -115,3 +115,21 @@ def test_a_domain_that_settled_once_is_not_starting_when_its_memory_moves_again(
     # KSM cleared or a program started in the guest: its worker sees flux again.
     moving = pacer.decide([report(100, settled=False)], fused(100), domains=1)
     assert moving.mode == "slow"
+
+
+def test_between_quiet_decisions_a_report_or_falling_fused_memory_asks_for_one(monkeypatch):
+    task = pacing.PacingTask()
+    assert task.needs_decision()  # nothing decided yet
+    task.previous = pacing.Pacer().decide([report(50000)], fused(49000), domains=1)
+    stamp, fused_now = [7], [49000]
+    monkeypatch.setattr(pacing, "_reports_stamp", lambda: stamp[0])
+    monkeypatch.setattr(pacing, "_fused_pages_now", lambda: fused_now[0])
+    task.reports_stamp = 7
+
+    assert not task.needs_decision()
+    fused_now[0] = 48900  # a little churn
+    assert not task.needs_decision()
+    fused_now[0] = 0  # KSM was cleared
+    assert task.needs_decision()
+    fused_now[0], stamp[0] = 49000, 8  # a worker wrote a new report
+    assert task.needs_decision()
