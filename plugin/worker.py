@@ -315,6 +315,7 @@ class Worker:
         passes = 0
         interval_s = MIN_PASS_INTERVAL_S
         settled_once = False
+        fusible_before: int | None = None
         pages_per_pass = self.settings.worker_pages_per_pass
 
         with native.PageScanner(self.record.qemu_pid, key, pages_per_pass=pages_per_pass) as pages:
@@ -330,15 +331,21 @@ class Worker:
                     cycle[name] += getattr(counters, name)
                 passes += 1
                 if passes >= counters.passes_per_cycle:
+                    # Whether the guest holds still is judged on what its pages
+                    # hold, before zero-page mappings are taken out: those come
+                    # and go with KSM (merged zero pages map the zero page, an
+                    # unmerge gives them private copies) while the guest is still.
+                    held = count_held(fusible_before, cycle["pages_fusible"])
+                    interval_s = next_interval(
+                        interval_s, fusible_before, cycle["pages_fusible"], settled_once
+                    )
+                    fusible_before = cycle["pages_fusible"]
+                    report.settled = held
+                    settled_once = settled_once or held
+
                     unpopulated = count_zero_page_mappings(self.record.qemu_pid, pages.regions)
                     cycle["pages_fusible"] -= min(unpopulated, cycle["pages_fusible_zero"])
                     cycle["pages_fusible_zero"] -= min(unpopulated, cycle["pages_fusible_zero"])
-                    before = report.cycle.get("pages_fusible") if report.cycles else None
-                    interval_s = next_interval(
-                        interval_s, before, cycle["pages_fusible"], settled_once
-                    )
-                    report.settled = count_held(before, cycle["pages_fusible"])
-                    settled_once = settled_once or report.settled
                     report.cycle, report.cycles = dict(cycle), report.cycles + 1
                     report.pages_total = counters.pages_total
                     report.pages_unpopulated = unpopulated
