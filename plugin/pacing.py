@@ -26,7 +26,8 @@ the daemon can do both:
 Fast and settling modes also turn KSM's ``smart_scan`` off: it lets ksmd
 skip pages that failed to merge before for a growing number of scans, and
 was seen here to leave thousands of fusible pages unmerged for hundreds of
-full scans (a booting guest's pages fail often before they hold still).
+full scans; a booting guest's pages, which change often at first, would
+be skipped the same way.
 Slow mode turns it back on, where skipping is the point.
 
 Each decision is written with its reason to ``/run/pagefusion/pacing.json``
