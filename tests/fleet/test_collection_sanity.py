@@ -1,0 +1,44 @@
+"""The built collection passes ``ansible-test sanity``, every test of it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import playbook
+import pytest
+
+pytestmark = pytest.mark.fleet
+
+SANITY_TIMEOUT_S = 1200
+
+
+def pip_bootstrap_cache() -> Path:
+    """Where ansible-test looks for its pip bootstrap script before downloading it."""
+    import ansible_test
+
+    source = Path(ansible_test.__file__).with_name("_internal") / "python_requirements.py"
+    version = re.search(r"pip='([0-9.]+)'", source.read_text()).group(1)
+    return Path.home() / ".ansible" / "test" / "cache" / f"get_pip_{version.replace('.', '_')}.py"
+
+
+def test_the_built_collection_passes_ansible_test_sanity(fleet):
+    root = fleet.base / "collections" / "ansible_collections" / "pagefusion" / "libvirt"
+    ansible_test = playbook.ANSIBLE_PLAYBOOK.with_name("ansible-test")
+    cache = pip_bootstrap_cache()
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(__file__).with_name("get_pip_standin.py"), cache)
+
+    done = subprocess.run(
+        [str(ansible_test), "sanity", "--local", "--requirements",
+         "--python", f"{sys.version_info.major}.{sys.version_info.minor}"],
+        cwd=root, env=fleet.env, capture_output=True, text=True, timeout=SANITY_TIMEOUT_S,
+    )  # fmt: skip
+
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ran = re.findall(r'Running sanity test "([\w-]+)"', done.stdout + done.stderr)
+    assert {"validate-modules", "pylint", "yamllint", "ansible-doc", "import"} <= set(ran), ran
