@@ -81,10 +81,27 @@ def counters() -> dict[str, int]:
     return values
 
 
+FUSED_COUNTERS = ("pages_sharing", "ksm_zero_pages")
+
+
+def fused_pages(values: dict[str, int] | None = None) -> int:
+    """Pages KSM saves on the host: sharing pages plus merged zero pages.
+
+    Without ``values``, reads only those two counters (a cheap look).
+    """
+    if values is None:
+        values = {}
+        for name in FUSED_COUNTERS:
+            try:
+                values[name] = int((SYSFS / name).read_text())
+            except (OSError, ValueError):
+                continue
+    return sum(values.get(name, 0) for name in FUSED_COUNTERS)
+
+
 def shared_bytes(values: dict[str, int] | None = None) -> int:
-    """Memory KSM saves on the host: sharing pages plus merged zero pages."""
-    values = counters() if values is None else values
-    return (values.get("pages_sharing", 0) + values.get("ksm_zero_pages", 0)) * PAGE_SIZE
+    """Memory KSM saves on the host, in bytes."""
+    return fused_pages(values) * PAGE_SIZE
 
 
 @dataclass(frozen=True)

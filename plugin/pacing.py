@@ -43,7 +43,6 @@ import time
 from dataclasses import asdict, dataclass
 
 from pagefusion import ksm, paths, runstate
-from pagefusion.errors import PagefusionError
 from pagefusion.worker import Report, read_report
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ class Pacer:
         self.settled_once: set[str] = set()
 
     def decide(self, reports: list[Report], counters: dict[str, int], domains: int) -> Decision:
-        fused = counters.get("pages_sharing", 0) + counters.get("ksm_zero_pages", 0)
+        fused = ksm.fused_pages(counters)
         fusible = sum(r.cycle.get("pages_fusible", 0) for r in reports)
         backlog = max(0, fusible - fused)
         mergeable = sum(r.pages_total for r in reports)
@@ -234,15 +233,6 @@ def running_page_fusion_records() -> list[runstate.DomainRecord]:
     ]
 
 
-def _fused_pages_now() -> int | None:
-    try:
-        return int(ksm.read_value("pages_sharing")) + int(
-            ksm.read_value("ksm_zero_pages") if (ksm.SYSFS / "ksm_zero_pages").exists() else 0
-        )
-    except (OSError, ValueError, PagefusionError):
-        return None
-
-
 def _reports_stamp() -> int | None:
     """Changes whenever a worker writes its report (they are replaced, not rewritten)."""
     try:
@@ -265,9 +255,8 @@ class PacingTask:
         previous = self.previous
         if previous is None or _reports_stamp() != self.reports_stamp:
             return True
-        fused = _fused_pages_now()
         margin = max(BACKLOG_SMALL_PAGES, BACKLOG_SMALL_SHARE * previous.fusible_pages)
-        return fused is not None and fused < previous.fused_pages - margin
+        return ksm.fused_pages() < previous.fused_pages - margin
 
     def __call__(self, _conn=None) -> Decision | None:
         if not ksm.available():

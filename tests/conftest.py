@@ -7,10 +7,12 @@ with pagefusion's hook, booting TCG guests. Tests that use them carry the
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import testbed
 
-from pagefusion import guestimage, paths
+from pagefusion import guestimage, install, paths
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,3 +57,14 @@ def private_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEFUSION_STATE_DIR", str(state))
     monkeypatch.setenv("PAGEFUSION_RUN_DIR", str(run))
     return tmp_path
+
+
+@pytest.fixture
+def hook_script(private_paths):
+    """The hook script as ``pagefusion install`` writes it, for this interpreter."""
+    if not install.hook_front().exists():
+        pytest.fail(f"the hook front {install.hook_front()} was not built with the package")
+    script = private_paths / "pagefusion-hook"
+    script.write_text(install.hook_text(sys.executable))
+    script.chmod(0o755)
+    return script

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pagefusion import hookserver, install, lifecycle, runstate
+from pagefusion import hookserver, lifecycle, runstate
 from pagefusion.element import NAMESPACE
 
 OVERLAP_S = 0.5
@@ -82,14 +82,11 @@ def slow_group_check(monkeypatch):
     monkeypatch.setattr(lifecycle, "check_group", slow_check)
 
 
-def test_calls_served_by_the_daemon_do_not_both_pass(private_paths, slow_group_check):
-    script = private_paths / "pagefusion-hook"
-    script.write_text(install.hook_text(sys.executable))
-    script.chmod(0o755)
+def test_calls_served_by_the_daemon_do_not_both_pass(hook_script, slow_group_check):
     server = hookserver.HookServer()
     server.start()
     try:
-        results = prepare_both_at_once(lambda name: [str(script), name])
+        results = prepare_both_at_once(lambda name: [str(hook_script), name])
     finally:
         server.stop()
     assert server.served == 2

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pagefusion import hook, hookserver, install, journal, runstate
+from pagefusion import hook, hookserver, journal, runstate
 from pagefusion.element import NAMESPACE
 
 UUID = "0d2b7c1e-5a4f-4c3e-9b1a-2f6e8d7c9a01"
@@ -31,10 +31,7 @@ def domain_xml(state: str | None = "on", nosharepages: bool = False, name: str =
 
 
 @pytest.fixture(params=["daemon", "own process"])
-def run_hook(request, private_paths, tmp_path):
-    script = tmp_path / "pagefusion-hook"
-    script.write_text(install.hook_text(sys.executable))
-    script.chmod(0o755)
+def run_hook(request, hook_script):
     server = None
     if request.param == "daemon":
         server = hookserver.HookServer()
@@ -43,7 +40,7 @@ def run_hook(request, private_paths, tmp_path):
     def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
         served_before = server.served if server else 0
         done = subprocess.run(
-            [str(script), *argv], input=stdin, capture_output=True, text=True, timeout=30
+            [str(hook_script), *argv], input=stdin, capture_output=True, text=True, timeout=30
         )
         if server is not None:
             assert server.served == served_before + 1, "the daemon did not serve the call"

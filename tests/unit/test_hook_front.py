@@ -10,13 +10,12 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from pagefusion import hookserver, install, journal, runstate
+from pagefusion import hookserver, journal, runstate
 from pagefusion.element import NAMESPACE
 
 UUID = "5b0c1f7e-2d3a-4e5f-8a9b-0c1d2e3f4a5b"
@@ -24,16 +23,6 @@ XML = (
     f"<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><metadata>"
     f'<p:page-fusion xmlns:p="{NAMESPACE}" state="on"/></metadata></domain>'
 )
-
-
-@pytest.fixture
-def hook_script(private_paths, tmp_path):
-    if not install.hook_front().exists():
-        pytest.fail(f"the hook front {install.hook_front()} was not built with the package")
-    script = tmp_path / "pagefusion-hook"
-    script.write_text(install.hook_text(sys.executable))
-    script.chmod(0o755)
-    return script
 
 
 @pytest.fixture

@@ -123,7 +123,7 @@ def test_between_quiet_decisions_a_report_or_falling_fused_memory_asks_for_one(m
     task.previous = pacing.Pacer().decide([report(50000)], fused(49000), domains=1)
     stamp, fused_now = [7], [49000]
     monkeypatch.setattr(pacing, "_reports_stamp", lambda: stamp[0])
-    monkeypatch.setattr(pacing, "_fused_pages_now", lambda: fused_now[0])
+    monkeypatch.setattr(pacing.ksm, "fused_pages", lambda values=None: fused_now[0])
     task.reports_stamp = 7
 
     assert not task.needs_decision()
