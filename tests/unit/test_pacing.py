@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagefusion import ksm, pacing, worker
+from pagefusion import ksm, pace, pacing
 from pagefusion.worker import Report
 
 
@@ -101,12 +101,12 @@ def test_a_late_arrival_is_looked_for_after_a_plateau_and_fused_fast_once_measur
 
 
 def test_a_worker_looks_less_often_while_the_guest_is_settled():
-    interval = worker.next_interval(worker.MIN_PASS_INTERVAL_S, None, 1000)
-    assert interval == worker.MIN_PASS_INTERVAL_S
+    interval = pace.next_interval(pace.MIN_PASS_INTERVAL_S, None, 1000)
+    assert interval == pace.MIN_PASS_INTERVAL_S
     for _ in range(10):
-        interval = worker.next_interval(interval, 1000, 1005)
-    assert interval == worker.MAX_PASS_INTERVAL_S
-    assert worker.next_interval(interval, 1000, 1500) == worker.MIN_PASS_INTERVAL_S
+        interval = pace.next_interval(interval, 1000, 1005)
+    assert interval == pace.MAX_PASS_INTERVAL_S
+    assert pace.next_interval(interval, 1000, 1500) == pace.MIN_PASS_INTERVAL_S
 
 
 def test_a_domain_that_settled_once_is_not_starting_when_its_memory_moves_again():
