@@ -25,7 +25,7 @@ import libvirt
 
 from pagefusion import config, exporter, guard, hookserver, ledger, pacing, paths, supervision
 from pagefusion.connection import open_connection
-from pagefusion.element import NAMESPACE
+from pagefusion.element import NAMESPACE, STAMP_NAMESPACE
 from pagefusion.errors import HostError, PagefusionError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Daemon:
             self.pending.put(dom.UUIDString())
 
     def _on_metadata(self, _conn, dom, kind, nsuri, _opaque) -> None:
-        if kind == libvirt.VIR_DOMAIN_METADATA_ELEMENT and nsuri in (NAMESPACE, None):
+        if kind == libvirt.VIR_DOMAIN_METADATA_ELEMENT and nsuri in (NAMESPACE, STAMP_NAMESPACE, None):
             self.pending.put(dom.UUIDString())
 
     def _on_close(self, _conn, reason, _opaque) -> None:

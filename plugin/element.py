@@ -7,6 +7,16 @@
 
 ``state`` is ``on`` or ``off``; ``group`` names the set of domains that may be
 fused with each other. A domain without the element has page fusion off.
+
+While a domain runs, the daemon also keeps a stamp of the value it runs with
+in its live XML, in a namespace of its own so that no write to the element
+touches it:
+
+      <pagefusion-running:running xmlns:pagefusion-running="http://pagefusion.org/xmlns/libvirt/running/1"
+                                  state="on" group="lab"/>
+
+A migration carries the live XML, so the target host can compare the stamp
+with the element the guest arrives with. Users never write the stamp.
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ NAMESPACE = "http://pagefusion.org/xmlns/libvirt/page-fusion/1"
 PREFIX = "pagefusion"
 LOCAL_NAME = "page-fusion"
 TAG = f"{{{NAMESPACE}}}{LOCAL_NAME}"
+
+STAMP_NAMESPACE = "http://pagefusion.org/xmlns/libvirt/running/1"
+STAMP_PREFIX = "pagefusion-running"
+STAMP_LOCAL_NAME = "running"
+STAMP_TAG = f"{{{STAMP_NAMESPACE}}}{STAMP_LOCAL_NAME}"
 
 GROUP_MAX_CHARS = 64
 GROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -91,11 +106,14 @@ class PageFusion:
 
     @classmethod
     def from_element(cls, element: etree._Element, *, domain: str = "?") -> PageFusion:
-        """Build the value from a ``<pagefusion:page-fusion>`` element, validating it."""
+        """Build the value from a ``<pagefusion:page-fusion>`` element (or the
+        running stamp, which has the same attributes), validating it."""
+        shown = _etree().QName(element).localname
+        shown = f"{STAMP_PREFIX if element.tag == STAMP_TAG else PREFIX}:{shown}"
         state = element.get("state")
         if state is None:
             raise ElementError(
-                f"domain {domain!r}: <{PREFIX}:{LOCAL_NAME}> has no 'state' attribute;"
+                f"domain {domain!r}: <{shown}> has no 'state' attribute;"
                 " set state='on' or state='off'"
             )
         if state not in ("on", "off"):
@@ -112,7 +130,7 @@ class PageFusion:
         schema = _schema()
         if not schema.validate(element):
             first = one_line(schema.error_log.filter_from_errors()[0].message)
-            raise ElementError(f"domain {domain!r}: invalid <{PREFIX}:{LOCAL_NAME}>: {first}")
+            raise ElementError(f"domain {domain!r}: invalid <{shown}>: {first}")
         return cls(enabled=state == "on", group=group)
 
     def to_element(self) -> etree._Element:
@@ -127,11 +145,12 @@ class PageFusion:
         """The element alone, with its namespace declaration."""
         return _etree().tostring(self.to_element(), encoding="unicode")
 
-    def to_metadata_xml(self) -> str:
-        """The element without namespace, as virDomainSetMetadata and ``virsh metadata``
-        take it: libvirt adds the namespace from its ``uri`` and ``key`` arguments."""
+    def to_metadata_xml(self, local_name: str = LOCAL_NAME) -> str:
+        """The element (or with ``STAMP_LOCAL_NAME``, the stamp) without namespace, as
+        virDomainSetMetadata and ``virsh metadata`` take it: libvirt adds the
+        namespace from its ``uri`` and ``key`` arguments."""
         group = f' group="{self.group}"' if self.group is not None else ""
-        return f'<{LOCAL_NAME} state="{self.state}"{group}/>'
+        return f'<{local_name} state="{self.state}"{group}/>'
 
 
 OFF = PageFusion()
@@ -192,3 +211,17 @@ def from_domain(domain: etree._Element) -> PageFusion:
     if element is None:
         return OFF
     return PageFusion.from_element(element, domain=name)
+
+
+def stamp_from_domain(domain: etree._Element) -> PageFusion | None:
+    """The running stamp of a parsed ``<domain>``, or None if it carries none."""
+    metadata = domain.find("metadata")
+    stamps = [] if metadata is None else [c for c in metadata if c.tag == STAMP_TAG]
+    if not stamps:
+        return None
+    if len(stamps) > 1:
+        raise ElementError(
+            f"domain {domain_name(domain)!r}: <{STAMP_PREFIX}:{STAMP_LOCAL_NAME}> appears"
+            f" {len(stamps)} times in <metadata>"
+        )
+    return PageFusion.from_element(stamps[0], domain=domain_name(domain))

@@ -7,6 +7,10 @@ running domain it puts the element back to the value the domain runs with,
 in the persistent definition and in the live XML, and keeps the rest of the
 edit. For a shut-off domain the change is accepted, and the merge setting is
 brought in line with it.
+
+It also keeps the running stamp (see ``element``): in the live XML of a
+running domain, the value it runs with; in no persistent definition, where a
+stamp (copied there with a dumped live XML) would speak of a run long over.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from dataclasses import dataclass
 import libvirt
 
 from pagefusion import domainxml, element, ledger, runstate
-from pagefusion.element import NAMESPACE, PREFIX, PageFusion
+from pagefusion.element import (
+    NAMESPACE,
+    PREFIX,
+    STAMP_LOCAL_NAME,
+    STAMP_NAMESPACE,
+    STAMP_PREFIX,
+    PageFusion,
+)
 from pagefusion.errors import ElementError
 from pagefusion.settings import INACTIVE_XML
 
@@ -38,6 +49,27 @@ def _value(xml: str) -> PageFusion | str:
         return element.from_domain(element.parse_domain(xml))
     except ElementError as err:
         return str(err)
+
+
+def _stamp(xml: str) -> PageFusion | str | None:
+    """The running stamp's value, None without one, or the reason it is invalid."""
+    try:
+        return element.stamp_from_domain(element.parse_domain(xml))
+    except ElementError as err:
+        return str(err)
+
+
+def _set_stamp(dom: libvirt.virDomain, value: PageFusion | None, flags: int) -> None:
+    """Write the running stamp (or remove it, with None) where ``flags`` say."""
+    text = value.to_metadata_xml(STAMP_LOCAL_NAME) if value is not None else None
+    key = STAMP_PREFIX if value is not None else None
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key, STAMP_NAMESPACE, flags)
+
+
+def _drop_persistent_stamp(dom: libvirt.virDomain, inactive: str) -> None:
+    if _stamp(inactive) is not None:
+        _set_stamp(dom, None, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        log.info("domain %r: removed a running stamp from its persistent definition", dom.name())
 
 
 def running_value(dom: libvirt.virDomain) -> PageFusion:
@@ -81,14 +113,19 @@ def _reconcile_running(dom: libvirt.virDomain) -> Outcome:
         xml, redefined = domainxml.with_page_fusion(inactive, keep, replace_invalid=True)
         if redefined:
             dom.connect().defineXML(xml)
+        _drop_persistent_stamp(dom, xml if redefined else inactive)
 
-    live = _value(dom.XMLDesc(0))
+    live_xml = dom.XMLDesc(0)
+    live = _value(live_xml)
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
     if live != keep:
         refused = refused or live
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         dom.setMetadata(
             libvirt.VIR_DOMAIN_METADATA_ELEMENT, keep.to_metadata_xml(), PREFIX, NAMESPACE, flags
         )
+    if _stamp(live_xml) != keep:
+        _set_stamp(dom, keep, flags)
+        log.debug("domain %r: stamped its live XML with page fusion %s", name, keep.describe())
 
     if refused is not None:
         ledger.count(ledger.REJECTED_CHANGES)
@@ -115,6 +152,7 @@ def _reconcile_shut_off(dom: libvirt.virDomain) -> Outcome:
     if changed:
         dom.connect().defineXML(xml)
         log.info("domain %r: merge setting aligned with page fusion %s", name, value.describe())
+    _drop_persistent_stamp(dom, xml)
     entry = ledger.load(dom.UUIDString())
     if entry.accepted != value:
         ledger.accept(dom.UUIDString(), name, value, confirmed=False)

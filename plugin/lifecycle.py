@@ -241,16 +241,34 @@ def on_release(call: HookCall) -> None:
 
 
 def on_migrate(call: HookCall) -> str:
-    # TODO(migration): the target host cannot know what the guest ran with on
-    # the source, so an incoming XML whose element was changed on the way
-    # (virsh migrate --xml) passes when its merge setting agrees with it;
-    # carrying the running value in the migration needs a source-side check.
+    # The source host runs no hook, but its daemon stamped the live XML, which
+    # the migration carries, with the value the guest runs with.
+    ran_with = element.stamp_from_domain(call.domain)
+    if ran_with is not None and call.page_fusion != ran_with:
+        raise RuleError(
+            f"domain {call.name!r} runs with page fusion {ran_with.describe()} on the"
+            f" source host, but the incoming XML says {call.page_fusion.describe()};"
+            " migrate it with the XML it runs with, and change page fusion while it is"
+            " shut off"
+        )
+    if ran_with is None:
+        # TODO(migration): a guest from a host whose daemon never stamped it
+        # (pagefusion absent there, or its daemon down since the guest
+        # started) is checked only against its own merge setting.
+        log.warning(
+            "domain %r arrives without a record of the page fusion it ran with;"
+            " accepting page fusion %s",
+            call.name,
+            call.page_fusion.describe(),
+        )
     check_merge_setting(call)
     return ""
 
 
 def on_restore(call: HookCall) -> str:
-    ran_with = ledger.load(call.uuid).ran_with
+    # This host's ledger knows what the guest was saved with; a state saved
+    # elsewhere carries the running stamp of its live XML.
+    ran_with = ledger.load(call.uuid).ran_with or element.stamp_from_domain(call.domain)
     if ran_with is not None and call.page_fusion != ran_with:
         raise RuleError(
             f"domain {call.name!r} was saved while running with page fusion"

@@ -17,7 +17,7 @@ import pytest
 import testbed
 
 from pagefusion import domainxml, element, ledger
-from pagefusion.element import NAMESPACE, PageFusion
+from pagefusion.element import NAMESPACE, STAMP_NAMESPACE, STAMP_PREFIX, PageFusion
 from pagefusion.errors import ElementError
 from pagefusion.settings import INACTIVE_XML
 
@@ -58,6 +58,13 @@ def persistent_value(dom) -> PageFusion | None:
 
 def live_value(dom) -> PageFusion | None:
     return _value(dom.XMLDesc(0))
+
+
+def _stamp(xml: str) -> PageFusion | None:
+    try:
+        return element.stamp_from_domain(element.parse_domain(xml))
+    except ElementError:
+        return None
 
 
 def assert_undone(dom, daemon, before_log: int, refused: str, rejected_before: int) -> None:
@@ -132,6 +139,34 @@ def test_an_invalid_element_on_a_running_domain_is_replaced(running, running_dae
     testbed.virsh_set_metadata(running.name(), '<page-fusion state="sometimes"/>', "--config")
 
     assert_undone(running, running_daemon, mark, "an invalid element", rejected)
+
+
+def test_the_daemon_stamps_the_running_value_into_the_live_xml_only(running, running_daemon):
+    assert testbed.eventually(lambda: _stamp(running.XMLDesc(0)) == ON, UNDO_WITHIN_S)
+    assert _stamp(running.XMLDesc(INACTIVE_XML)) is None
+
+
+def test_a_forged_stamp_is_put_right_and_a_copied_one_removed(running, running_daemon, tmp_path):
+    assert testbed.eventually(lambda: _stamp(running.XMLDesc(0)) == ON, UNDO_WITHIN_S)
+    rejected = ledger.counters().get(ledger.REJECTED_CHANGES, 0)
+    testbed.virsh(
+        "metadata", running.name(), STAMP_NAMESPACE, "--live",
+        "--key", STAMP_PREFIX, "--set", '<running state="off"/>',
+    )  # fmt: skip
+    assert testbed.eventually(lambda: _stamp(running.XMLDesc(0)) == ON, UNDO_WITHIN_S)
+
+    # A dumped live XML defined again carries the stamp into the persistent
+    # definition, where it would speak of a run that is over.
+    dumped = tmp_path / "live.xml"
+    dumped.write_text(running.XMLDesc(0))
+    testbed.virsh("define", str(dumped))
+    assert testbed.eventually(
+        lambda: _stamp(running.XMLDesc(INACTIVE_XML)) is None, UNDO_WITHIN_S
+    ), running.XMLDesc(INACTIVE_XML)
+    assert persistent_value(running) == ON
+    assert _stamp(running.XMLDesc(0)) == ON
+    # Neither is a change of the element.
+    assert ledger.counters().get(ledger.REJECTED_CHANGES, 0) == rejected
 
 
 def test_cli_set_refuses_a_running_domain_and_changes_nothing(running, running_daemon):

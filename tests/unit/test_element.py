@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagefusion import element
-from pagefusion.element import NAMESPACE, PageFusion
+from pagefusion.element import NAMESPACE, STAMP_NAMESPACE, PageFusion
 from pagefusion.errors import ElementError
 
 
@@ -74,3 +74,41 @@ def test_round_trip_through_xml():
     value = PageFusion(enabled=True, group="ci-runners")
     xml = domain(value.to_xml())
     assert value_of(xml) == value
+
+
+def stamp_of(xml: str) -> PageFusion | None:
+    return element.stamp_from_domain(element.parse_domain(xml))
+
+
+def test_the_running_stamp_is_read_apart_from_the_element():
+    stamp = PageFusion(enabled=True, group="lab")
+    xml = domain(
+        f'<p:page-fusion xmlns:p="{NAMESPACE}" state="off"/>'
+        f'<r:running xmlns:r="{STAMP_NAMESPACE}" state="on" group="lab"/>'
+    )
+    assert stamp_of(xml) == stamp
+    assert value_of(xml) == PageFusion()
+    assert stamp_of(domain(f'<p:page-fusion xmlns:p="{NAMESPACE}" state="on"/>')) is None
+    assert stamp_of("<domain><name>a</name></domain>") is None
+
+
+def test_the_stamp_as_libvirt_takes_it_round_trips():
+    value = PageFusion(enabled=True, group="ci")
+    text = value.to_metadata_xml(element.STAMP_LOCAL_NAME)
+    xml = domain(text.replace("<running ", f'<running xmlns="{STAMP_NAMESPACE}" '))
+    assert stamp_of(xml) == value
+
+
+@pytest.mark.parametrize(
+    ("stamp", "reason"),
+    [
+        ('state="maybe"', "'maybe' is not valid"),
+        ('state="on" group="a b"', "invalid page-fusion group"),
+        ('state="on" extra="1"', "invalid <pagefusion-running:running>"),
+    ],
+)
+def test_a_bad_stamp_gives_a_one_line_reason(stamp, reason):
+    with pytest.raises(ElementError) as caught:
+        stamp_of(domain(f'<r:running xmlns:r="{STAMP_NAMESPACE}" {stamp}/>'))
+    assert reason in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -15,14 +15,24 @@ import sys
 
 import pytest
 
-from pagefusion import hook, hookserver, journal, runstate
-from pagefusion.element import NAMESPACE
+from pagefusion import hook, hookserver, journal, ledger, runstate
+from pagefusion.element import NAMESPACE, STAMP_NAMESPACE, PageFusion
 
 UUID = "0d2b7c1e-5a4f-4c3e-9b1a-2f6e8d7c9a01"
 
 
-def domain_xml(state: str | None = "on", nosharepages: bool = False, name: str = "vm1") -> str:
-    element = f'<p:page-fusion xmlns:p="{NAMESPACE}" state="{state}"/>' if state else ""
+def domain_xml(
+    state: str | None = "on",
+    nosharepages: bool = False,
+    name: str = "vm1",
+    group: str | None = None,
+    stamp: str = "",
+) -> str:
+    """A domain XML; ``stamp`` gives the running stamp's attributes, if any."""
+    grouped = f' group="{group}"' if group else ""
+    element = f'<p:page-fusion xmlns:p="{NAMESPACE}" state="{state}"{grouped}/>' if state else ""
+    if stamp:
+        element += f'<r:running xmlns:r="{STAMP_NAMESPACE}" {stamp}/>'
     backing = "<memoryBacking><nosharepages/></memoryBacking>" if nosharepages else ""
     return (
         f"<domain type='qemu'><name>{name}</name><uuid>{UUID}</uuid>"
@@ -96,6 +106,70 @@ def test_migrate_and_restore_print_nothing_when_they_keep_the_xml(run_hook, oper
     done = run_hook("vm1", operation, "begin", "-", stdin=domain_xml("on"))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
+
+
+def refusal_of(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("pagefusion:")]
+
+
+def test_migrate_accepts_the_element_the_guest_runs_with(run_hook):
+    xml = domain_xml("on", group="lab", stamp='state="on" group="lab"')
+    done = run_hook("vm1", "migrate", "begin", "-", stdin=xml)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("state", "group", "nosharepages", "ran_with", "says"),
+    [
+        ("on", "other", False, "on (group 'lab')", "on (group 'other')"),
+        ("off", None, True, "on (group 'lab')", "off"),
+    ],
+)
+def test_migrate_refuses_an_element_changed_on_the_way(
+    run_hook, state, group, nosharepages, ran_with, says
+):
+    xml = domain_xml(state, nosharepages, group=group, stamp='state="on" group="lab"')
+    done = run_hook("vm1", "migrate", "begin", "-", stdin=xml)
+    assert done.returncode == 1
+    assert refusal_of(done) == [
+        f"pagefusion: domain 'vm1' runs with page fusion {ran_with} on the source host,"
+        f" but the incoming XML says {says}; migrate it with the XML it runs with, and"
+        " change page fusion while it is shut off"
+    ]
+    assert "Traceback" not in done.stderr
+
+
+def test_migrate_refuses_a_bad_stamp_with_one_line(run_hook):
+    done = run_hook("vm1", "migrate", "begin", "-", stdin=domain_xml("on", stamp='state="2"'))
+    assert done.returncode == 1
+    assert len(refusal_of(done)) == 1 and "'2' is not valid" in done.stderr
+
+
+def test_migrate_without_a_stamp_checks_the_merge_setting_only(run_hook):
+    done = run_hook("vm1", "migrate", "begin", "-", stdin=domain_xml("on", group="any"))
+    assert done.returncode == 0, done.stderr
+    done = run_hook("vm1", "migrate", "begin", "-", stdin=domain_xml("on", nosharepages=True))
+    assert done.returncode == 1 and "forbids merging" in done.stderr
+
+
+def test_restore_elsewhere_compares_with_the_stamp(run_hook):
+    changed = domain_xml("on", group="b", stamp='state="on" group="a"')
+    done = run_hook("vm1", "restore", "begin", "-", stdin=changed)
+    assert done.returncode == 1
+    assert "was saved while running with page fusion on (group 'a')" in done.stderr
+    same = domain_xml("on", group="a", stamp='state="on" group="a"')
+    assert run_hook("vm1", "restore", "begin", "-", stdin=same).returncode == 0
+
+
+def test_restore_here_trusts_the_ledger_over_the_stamp(run_hook):
+    entry = ledger.load(UUID)
+    entry.name, entry.ran_with = "vm1", PageFusion(enabled=True, group="a")
+    ledger.save(entry)
+    forged = domain_xml("on", group="b", stamp='state="on" group="b"')
+    done = run_hook("vm1", "restore", "begin", "-", stdin=forged)
+    assert done.returncode == 1
+    assert "was saved while running with page fusion on (group 'a')" in done.stderr
 
 
 def test_unknown_operations_pass(run_hook):
