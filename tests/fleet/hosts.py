@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,10 @@ class NamespaceHost:
         for entry in Path("/etc/libvirt").iterdir():
             if entry.is_file():
                 shutil.copy2(entry, etc / entry.name)
+        # Each host a UUID of its own: libvirt refuses to migrate a guest to a
+        # host whose UUID is its source's.
+        with open(etc / "libvirtd.conf", "a") as conf:
+            conf.write(f'\nhost_uuid = "{uuid.uuid5(uuid.NAMESPACE_URL, str(self.root))}"\n')
         for machine_path, depth in (("/var/lib/libvirt", 3), ("/var/log/libvirt", 1)):
             _copy_skeleton(Path(machine_path), self.private(machine_path), depth)
         (self.private("/run") / "sshd").mkdir(mode=0o755, exist_ok=True)

@@ -1,0 +1,92 @@
+"""Live migration between two fleet hosts keeps the page-fusion element.
+
+A migration carries the guest's live XML, in which the source host's daemon
+stamped the value the guest runs with; the target's ``migrate`` hook refuses
+an incoming XML whose element differs from that stamp (``virsh migrate
+--xml``), and lets the guest's own XML through.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import hosts
+import libvirt
+import pytest
+import testbed
+
+from pagefusion import element
+from pagefusion.element import PageFusion
+
+pytestmark = [pytest.mark.fleet, pytest.mark.libvirt]
+
+STAMPED_WITHIN_S = 10.0
+
+
+def stamp_of(dom) -> PageFusion | None:
+    return element.stamp_from_domain(element.parse_domain(dom.XMLDesc(0)))
+
+
+def active_names(conn: libvirt.virConnect) -> list[str]:
+    return [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+
+
+def migrate(source, target, name: str, *args: str) -> subprocess.CompletedProcess:
+    """``virsh migrate --live`` from one fleet host to another, over loopback TCP."""
+    port = hosts.free_loopback_port(49300, 49399)
+    return subprocess.run(
+        ["virsh", "-c", source.uri, "migrate", "--live", name, target.uri]
+        + ["--migrateuri", f"tcp://127.0.0.1:{port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.fixture
+def running_on_source(fleet, enabled):
+    """A page-fusion guest running on fleet1, and fleet3 to migrate it to."""
+    source, target = fleet.host("fleet1"), fleet.host("fleet3")
+    name = fleet.guests[source.name][-1]
+    dom = fleet.domain(source, name)
+    dom.create()
+    try:
+        yield source, target, dom
+    finally:
+        for host in (target, source):
+            conn = fleet.connect(host)
+            if name in active_names(conn):
+                conn.lookupByName(name).destroy()
+
+
+def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
+    fleet, running_on_source, tmp_path
+):
+    source, target, dom = running_on_source
+    name, ran_with = dom.name(), PageFusion(enabled=True, group=fleet.group)
+    assert testbed.eventually(lambda: stamp_of(dom) == ran_with, STAMPED_WITHIN_S), dom.XMLDesc(0)
+
+    own = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+    changed = tmp_path / "changed.xml"
+    changed.write_text(own.replace(f'group="{fleet.group}"/>', 'group="elsewhere"/>', 1))
+    assert element.from_domain(element.parse_domain(changed.read_text())).group == "elsewhere"
+
+    refused = migrate(source, target, name, "--xml", str(changed))
+
+    assert refused.returncode != 0
+    assert (
+        f"pagefusion: domain {name!r} runs with page fusion on (group {fleet.group!r}) on the"
+        " source host, but the incoming XML says on (group 'elsewhere')"
+    ) in refused.stderr, refused.stderr
+    assert dom.isActive()
+    assert name not in active_names(fleet.connect(target))
+
+    done = migrate(source, target, name)
+
+    assert done.returncode == 0, done.stderr
+    arrived = fleet.domain(target, name)
+    assert arrived.isActive() and not dom.isActive()
+    live = element.parse_domain(arrived.XMLDesc(0))
+    assert element.from_domain(live) == ran_with
+    assert element.stamp_from_domain(live) == ran_with
+
