@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import testbed
+
+from pagefusion import ksm
 
 pytestmark = [pytest.mark.fleet, pytest.mark.libvirt]
 
 HOST_SHARED = "RAM/VMM/Shared"
 GUEST_SHARED = "Guest/RAM/Usage/Shared"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# KSM goes on merging while the report runs: the report's figure must lie
+# between the kernel's readings before and after it, give or take this much.
+DRIFT = 0.10
 
 
 @dataclass
@@ -88,3 +96,33 @@ def test_report_in_check_mode_writes_nothing(fleet, report):
     for host in fleet.hosts:
         assert run.changed(host.name) == 0
     assert not folder.exists()
+
+
+def guest_shared_bytes(host, name: str) -> int:
+    """The kernel's fused memory of a fleet guest, from its QEMU's ksm_stat."""
+    pid = int((host.private("/run") / "libvirt" / "qemu" / f"{name}.pid").read_text())
+    stat = dict(line.split()[:2] for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines())
+    return (int(stat["ksm_merging_pages"]) + int(stat.get("ksm_zero_pages", 0))) * PAGE_SIZE
+
+
+def assert_between(reported: int, before: int, after: int, what: str) -> None:
+    low, high = min(before, after) * (1 - DRIFT), max(before, after) * (1 + DRIFT)
+    assert low <= reported <= high, f"{what}: reported {reported}, kernel {before} then {after}"
+
+
+def test_report_shows_the_kernels_fused_memory_of_a_running_guest(
+    fleet, enabled, running_guest, tmp_path
+):
+    host, dom = running_guest
+    name = dom.name()
+    assert testbed.eventually(lambda: guest_shared_bytes(host, name) > 0, 90.0, 0.5)
+    guest_before, host_before = guest_shared_bytes(host, name), ksm.shared_bytes()
+
+    report = make_report(fleet, tmp_path, "-e", f"pagefusion_hosts={host.name}")
+
+    guest_after, host_after = guest_shared_bytes(host, name), ksm.shared_bytes()
+    (entry,) = [entry for entry in report.data["hosts"] if entry["name"] == host.name]
+    (domain,) = [domain for domain in entry["domains"] if domain["name"] == name]
+    assert_between(domain[GUEST_SHARED], guest_before, guest_after, GUEST_SHARED)
+    assert_between(entry["host"][HOST_SHARED], host_before, host_after, HOST_SHARED)
+    assert report.data["totals"][GUEST_SHARED] == domain[GUEST_SHARED]
