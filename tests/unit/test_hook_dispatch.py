@@ -9,6 +9,8 @@ process) and without one (the hook runs the call itself).
 from __future__ import annotations
 
 import io
+import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -198,3 +200,14 @@ def test_in_process_dispatch_of_reconnect_never_raises(private_paths, monkeypatc
 
     monkeypatch.setitem(hook.HANDLERS, "reconnect", explode)
     assert hook.main(["vm1", "reconnect", "begin", "-"], io.StringIO(domain_xml())) == 0
+
+
+def test_each_call_logs_one_line_with_its_verdict(private_paths, caplog):
+    caplog.set_level(logging.INFO, logger="pagefusion")
+    hook.handle(["vm1", "prepare", "begin", "-"], domain_xml("on"))
+    hook.handle(["vm1", "prepare", "begin", "-"], domain_xml("sometimes"), hook.SERVED_BY_DAEMON)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagefusion.hook"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"domain 'vm1' prepare begin: ok \(\d+ ms, hook process\)", lines[0])
+    assert re.fullmatch(r"domain 'vm1' prepare begin: refused \(\d+ ms, daemon\)", lines[1])
