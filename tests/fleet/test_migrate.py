@@ -3,7 +3,9 @@
 A migration carries the guest's live XML, in which the source host's daemon
 stamped the value the guest runs with; the target's ``migrate`` hook refuses
 an incoming XML whose element differs from that stamp (``virsh migrate
---xml``), and lets the guest's own XML through.
+--xml``), and lets the guest's own XML through. A changed persistent XML
+sent along (``--persistent-xml``) is a change of a running domain on the
+target, which the target's daemon undoes.
 """
 
 from __future__ import annotations
@@ -15,16 +17,29 @@ import libvirt
 import pytest
 import testbed
 
-from pagefusion import element
+from pagefusion import element, services
 from pagefusion.element import PageFusion
+from pagefusion.settings import INACTIVE_XML
 
 pytestmark = [pytest.mark.fleet, pytest.mark.libvirt]
 
 STAMPED_WITHIN_S = 10.0
+UNDONE_WITHIN_S = 5.0
 
 
 def stamp_of(dom) -> PageFusion | None:
     return element.stamp_from_domain(element.parse_domain(dom.XMLDesc(0)))
+
+
+def daemon_log_size() -> int:
+    # The fleet's hosts share the machine's /var/log, so their daemons' log too.
+    return services.DAEMON_LOG.stat().st_size if services.DAEMON_LOG.exists() else 0
+
+
+def daemon_log_since(offset: int) -> str:
+    with open(services.DAEMON_LOG, errors="replace") as log:
+        log.seek(offset)
+        return log.read()
 
 
 def active_names(conn: libvirt.virConnect) -> list[str]:
@@ -57,6 +72,8 @@ def running_on_source(fleet, enabled):
             conn = fleet.connect(host)
             if name in active_names(conn):
                 conn.lookupByName(name).destroy()
+        if name in [d.name() for d in fleet.connect(target).listAllDomains()]:
+            fleet.domain(target, name).undefine()
 
 
 def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
@@ -81,7 +98,12 @@ def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
     assert dom.isActive()
     assert name not in active_names(fleet.connect(target))
 
-    done = migrate(source, target, name)
+    persistent = tmp_path / "persistent.xml"
+    persistent.write_text(
+        dom.XMLDesc(INACTIVE_XML).replace(f'group="{fleet.group}"/>', 'group="elsewhere"/>', 1)
+    )
+    log_mark = daemon_log_size()
+    done = migrate(source, target, name, "--persistent", "--persistent-xml", str(persistent))
 
     assert done.returncode == 0, done.stderr
     arrived = fleet.domain(target, name)
@@ -89,4 +111,13 @@ def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
     live = element.parse_domain(arrived.XMLDesc(0))
     assert element.from_domain(live) == ran_with
     assert element.stamp_from_domain(live) == ran_with
+    assert testbed.eventually(
+        lambda: fleet.page_fusion(target, name) == ran_with, UNDONE_WITHIN_S
+    ), arrived.XMLDesc(INACTIVE_XML)
+    # Undone, not refused on the way: the target's daemon says so.
+    warning = (
+        f"domain {name!r} is running with page fusion on (group {fleet.group!r}): refused the"
+        " change to on (group 'elsewhere')"
+    )
+    assert testbed.eventually(lambda: warning in daemon_log_since(log_mark), UNDONE_WITHIN_S)
 
