@@ -1,11 +1,13 @@
-"""Live migration between two fleet hosts keeps the page-fusion element.
+"""Moving a guest between two fleet hosts keeps the page-fusion element.
 
 A migration carries the guest's live XML, in which the source host's daemon
 stamped the value the guest runs with; the target's ``migrate`` hook refuses
 an incoming XML whose element differs from that stamp (``virsh migrate
 --xml``), and lets the guest's own XML through. A changed persistent XML
 sent along (``--persistent-xml``) is a change of a running domain on the
-target, which the target's daemon undoes.
+target, which the target's daemon undoes. A state saved on one host and
+restored on another is checked against the same stamp, which the saved XML
+carries, as the other host's ledger knows nothing of the guest.
 """
 
 from __future__ import annotations
@@ -46,16 +48,19 @@ def active_names(conn: libvirt.virConnect) -> list[str]:
     return [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
 
 
+def virsh_on(host, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["virsh", "-c", host.uri, *args], capture_output=True, text=True, timeout=180
+    )
+
+
 def migrate(source, target, name: str, *args: str) -> subprocess.CompletedProcess:
     """``virsh migrate --live`` from one fleet host to another, over loopback TCP."""
     port = hosts.free_loopback_port(49300, 49399)
-    return subprocess.run(
-        ["virsh", "-c", source.uri, "migrate", "--live", name, target.uri]
-        + ["--migrateuri", f"tcp://127.0.0.1:{port}", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return virsh_on(
+        source, "migrate", "--live", name, target.uri,
+        "--migrateuri", f"tcp://127.0.0.1:{port}", *args,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -121,3 +126,35 @@ def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
     )
     assert testbed.eventually(lambda: warning in daemon_log_since(log_mark), UNDONE_WITHIN_S)
 
+
+
+def test_restore_on_another_host_refuses_a_changed_element(fleet, running_on_source):
+    source, target, dom = running_on_source
+    name, ran_with = dom.name(), PageFusion(enabled=True, group=fleet.group)
+    assert testbed.eventually(lambda: stamp_of(dom) == ran_with, STAMPED_WITHIN_S), dom.XMLDesc(0)
+    # The fleet's folder is the machine's, and so the same path on every host.
+    image = fleet.base / f"{name}.saved"
+    dom.save(str(image))
+    try:
+        saved = virsh_on(target, "save-image-dumpxml", str(image))
+        assert saved.returncode == 0, saved.stderr
+        changed = fleet.base / f"{name}.changed.xml"
+        changed.write_text(
+            saved.stdout.replace(f'group="{fleet.group}"/>', 'group="elsewhere"/>', 1)
+        )
+        assert element.from_domain(element.parse_domain(changed.read_text())).group == "elsewhere"
+
+        refused = virsh_on(target, "restore", str(image), "--xml", str(changed))
+
+        assert refused.returncode != 0
+        assert (
+            f"pagefusion: domain {name!r} was saved while running with page fusion on (group"
+            f" {fleet.group!r}), but the XML to restore says on (group 'elsewhere')"
+        ) in refused.stderr, refused.stderr
+        assert name not in active_names(fleet.connect(target))
+
+        done = virsh_on(target, "restore", str(image))
+        assert done.returncode == 0, done.stderr
+        assert fleet.domain(target, name).isActive()
+    finally:
+        image.unlink(missing_ok=True)

@@ -110,10 +110,22 @@ def assert_between(reported: int, before: int, after: int, what: str) -> None:
     assert low <= reported <= high, f"{what}: reported {reported}, kernel {before} then {after}"
 
 
-def test_report_shows_the_kernels_fused_memory_of_a_running_guest(
-    fleet, enabled, running_guest, tmp_path
-):
-    host, dom = running_guest
+@pytest.fixture
+def fused_guest(fleet, enabled):
+    """fleet1's first guest, which keeps page fusion on, running; destroyed after."""
+    host = fleet.host("fleet1")
+    dom = fleet.domain(host, fleet.guests[host.name][0])
+    assert fleet.page_fusion(host, dom.name()).enabled
+    dom.create()
+    try:
+        yield host, dom
+    finally:
+        if dom.isActive():
+            dom.destroy()
+
+
+def test_report_shows_the_kernels_fused_memory_of_a_running_guest(fleet, fused_guest, tmp_path):
+    host, dom = fused_guest
     name = dom.name()
     assert testbed.eventually(lambda: guest_shared_bytes(host, name) > 0, 90.0, 0.5)
     guest_before, host_before = guest_shared_bytes(host, name), ksm.shared_bytes()
