@@ -40,6 +40,9 @@ QUIET_TICK_S = 5.0
 # How long to gather events before acting, so a burst for one domain (an
 # edit gives DEFINED, then METADATA_CHANGE) costs one reconcile.
 GATHER_S = 0.05
+# Metadata changes that concern the daemon: the element, the running stamp,
+# and changes whose namespace libvirt does not say.
+WATCHED_NAMESPACES = (NAMESPACE, STAMP_NAMESPACE, None)
 
 
 def pidfile() -> str:
@@ -73,7 +76,7 @@ class Daemon:
             self.pending.put(dom.UUIDString())
 
     def _on_metadata(self, _conn, dom, kind, nsuri, _opaque) -> None:
-        if kind == libvirt.VIR_DOMAIN_METADATA_ELEMENT and nsuri in (NAMESPACE, STAMP_NAMESPACE, None):
+        if kind == libvirt.VIR_DOMAIN_METADATA_ELEMENT and nsuri in WATCHED_NAMESPACES:
             self.pending.put(dom.UUIDString())
 
     def _on_close(self, _conn, reason, _opaque) -> None:

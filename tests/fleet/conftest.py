@@ -121,6 +121,19 @@ class Fleet:
         """The setting of a guest's persistent definition, read from its libvirtd."""
         return settings.read(self.domain(host, name)).persistent
 
+    @contextlib.contextmanager
+    def guest_running(self, host_name: str, index: int = 0):
+        """A guest of the host, running for the duration; destroyed again after."""
+        host = self.host(host_name)
+        dom = self.domain(host, self.guests[host.name][index])
+        if not dom.isActive():
+            dom.create()
+        try:
+            yield host, dom
+        finally:
+            if dom.isActive():
+                dom.destroy()
+
     def close(self) -> None:
         for conn in self._connections.values():
             with contextlib.suppress(libvirt.libvirtError):
@@ -283,12 +296,5 @@ def enabled(fleet, deployed) -> playbook.PlaybookRun:
 @pytest.fixture
 def running_guest(fleet, deployed):
     """A guest of fleet2, running; destroyed again after the test."""
-    host = fleet.host("fleet2")
-    dom = fleet.domain(host, fleet.guests[host.name][0])
-    if not dom.isActive():
-        dom.create()
-    try:
-        yield host, dom
-    finally:
-        if dom.isActive():
-            dom.destroy()
+    with fleet.guest_running("fleet2") as running:
+        yield running

@@ -127,7 +127,6 @@ def test_migration_refuses_a_changed_element_and_takes_the_guests_own(
     assert testbed.eventually(lambda: warning in daemon_log_since(log_mark), UNDONE_WITHIN_S)
 
 
-
 def test_restore_on_another_host_refuses_a_changed_element(fleet, running_on_source):
     source, target, dom = running_on_source
     name, ran_with = dom.name(), PageFusion(enabled=True, group=fleet.group)

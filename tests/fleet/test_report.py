@@ -113,15 +113,9 @@ def assert_between(reported: int, before: int, after: int, what: str) -> None:
 @pytest.fixture
 def fused_guest(fleet, enabled):
     """fleet1's first guest, which keeps page fusion on, running; destroyed after."""
-    host = fleet.host("fleet1")
-    dom = fleet.domain(host, fleet.guests[host.name][0])
-    assert fleet.page_fusion(host, dom.name()).enabled
-    dom.create()
-    try:
+    with fleet.guest_running("fleet1") as (host, dom):
+        assert fleet.page_fusion(host, dom.name()).enabled
         yield host, dom
-    finally:
-        if dom.isActive():
-            dom.destroy()
 
 
 def test_report_shows_the_kernels_fused_memory_of_a_running_guest(fleet, fused_guest, tmp_path):
