@@ -98,7 +98,7 @@ def set_page_fusion(domain: etree._Element, value: PageFusion) -> bool:
     changed = False
     name = element.domain_name(domain)
 
-    current = element.find_element(domain, name=name)
+    current = element.find_element(domain)
     if current is None:
         metadata = _ensure_child(domain, "metadata", _METADATA_AFTER)
         _append(metadata, value.to_element())

@@ -12,8 +12,9 @@ While a domain runs, the daemon also keeps a stamp of the value it runs with
 in its live XML, in a namespace of its own so that no write to the element
 touches it:
 
-      <pagefusion-running:running xmlns:pagefusion-running="http://pagefusion.org/xmlns/libvirt/running/1"
-                                  state="on" group="lab"/>
+      <pagefusion-running:running
+          xmlns:pagefusion-running="http://pagefusion.org/xmlns/libvirt/running/1"
+          state="on" group="lab"/>
 
 A migration carries the live XML, so the target host can compare the stamp
 with the element the guest arrives with. Users never write the stamp.
@@ -108,8 +109,8 @@ class PageFusion:
     def from_element(cls, element: etree._Element, *, domain: str = "?") -> PageFusion:
         """Build the value from a ``<pagefusion:page-fusion>`` element (or the
         running stamp, which has the same attributes), validating it."""
-        shown = _etree().QName(element).localname
-        shown = f"{STAMP_PREFIX if element.tag == STAMP_TAG else PREFIX}:{shown}"
+        stamp = element.tag == STAMP_TAG
+        shown = f"{STAMP_PREFIX}:{STAMP_LOCAL_NAME}" if stamp else f"{PREFIX}:{LOCAL_NAME}"
         state = element.get("state")
         if state is None:
             raise ElementError(
@@ -156,33 +157,37 @@ class PageFusion:
 OFF = PageFusion()
 
 
-def find_element(domain: etree._Element, *, name: str = "?") -> etree._Element | None:
+def _only_child(domain: etree._Element, tag: str, shown: str) -> etree._Element | None:
+    """The one ``<metadata>`` child with ``tag``, or None; ElementError if repeated."""
+    metadata = domain.find("metadata")
+    found = [] if metadata is None else [child for child in metadata if child.tag == tag]
+    if len(found) > 1:
+        raise ElementError(
+            f"domain {domain_name(domain)!r}: <{shown}> appears {len(found)} times in"
+            " <metadata>; keep exactly one"
+        )
+    return found[0] if found else None
+
+
+def find_element(domain: etree._Element) -> etree._Element | None:
     """Return the page-fusion element of a ``<domain>`` tree, or None if it has none.
 
     Raises ElementError when the element is repeated or when an element of the
     same name sits in another namespace, which is almost always a typo that
     would otherwise leave page fusion silently off.
     """
+    ours = _only_child(domain, TAG, f"{PREFIX}:{LOCAL_NAME}")
+    if ours is not None:
+        return ours
     metadata = domain.find("metadata")
-    if metadata is None:
-        return None
-
-    ours = [child for child in metadata if child.tag == TAG]
-    if len(ours) > 1:
-        raise ElementError(
-            f"domain {name!r}: <{PREFIX}:{LOCAL_NAME}> appears {len(ours)} times in <metadata>;"
-            " keep exactly one"
-        )
-    if not ours:
-        for child in metadata:
-            if isinstance(child.tag, str) and _etree().QName(child).localname == LOCAL_NAME:
-                found = _etree().QName(child).namespace or "no namespace"
-                raise ElementError(
-                    f"domain {name!r}: <{LOCAL_NAME}> in {found!r} is not pagefusion's;"
-                    f" use the namespace {NAMESPACE!r}"
-                )
-        return None
-    return ours[0]
+    for child in metadata if metadata is not None else ():
+        if isinstance(child.tag, str) and _etree().QName(child).localname == LOCAL_NAME:
+            found = _etree().QName(child).namespace or "no namespace"
+            raise ElementError(
+                f"domain {domain_name(domain)!r}: <{LOCAL_NAME}> in {found!r} is not"
+                f" pagefusion's; use the namespace {NAMESPACE!r}"
+            )
+    return None
 
 
 def parse_domain(domain_xml: str | bytes) -> etree._Element:
@@ -207,7 +212,7 @@ def domain_name(domain: etree._Element) -> str:
 def from_domain(domain: etree._Element) -> PageFusion:
     """The page-fusion setting of a parsed ``<domain>``; absent means off."""
     name = domain_name(domain)
-    element = find_element(domain, name=name)
+    element = find_element(domain)
     if element is None:
         return OFF
     return PageFusion.from_element(element, domain=name)
@@ -215,13 +220,5 @@ def from_domain(domain: etree._Element) -> PageFusion:
 
 def stamp_from_domain(domain: etree._Element) -> PageFusion | None:
     """The running stamp of a parsed ``<domain>``, or None if it carries none."""
-    metadata = domain.find("metadata")
-    stamps = [] if metadata is None else [c for c in metadata if c.tag == STAMP_TAG]
-    if not stamps:
-        return None
-    if len(stamps) > 1:
-        raise ElementError(
-            f"domain {domain_name(domain)!r}: <{STAMP_PREFIX}:{STAMP_LOCAL_NAME}> appears"
-            f" {len(stamps)} times in <metadata>"
-        )
-    return PageFusion.from_element(stamps[0], domain=domain_name(domain))
+    stamp = _only_child(domain, STAMP_TAG, f"{STAMP_PREFIX}:{STAMP_LOCAL_NAME}")
+    return None if stamp is None else PageFusion.from_element(stamp, domain=domain_name(domain))

@@ -43,20 +43,27 @@ class Outcome:
     redefined: bool = False
 
 
-def _value(xml: str) -> PageFusion | str:
-    """The element's value, or the reason it is invalid."""
+Read = PageFusion | str  # a value, or the reason its element is invalid
+
+
+def _or_reason(read, domain) -> Read | None:
     try:
-        return element.from_domain(element.parse_domain(xml))
+        return read(domain)
     except ElementError as err:
         return str(err)
 
 
-def _stamp(xml: str) -> PageFusion | str | None:
-    """The running stamp's value, None without one, or the reason it is invalid."""
+def _read(xml: str) -> tuple[Read, Read | None]:
+    """The element's value and the running stamp's (None without one), from one parse."""
     try:
-        return element.stamp_from_domain(element.parse_domain(xml))
+        domain = element.parse_domain(xml)
     except ElementError as err:
-        return str(err)
+        return str(err), str(err)
+    return _or_reason(element.from_domain, domain), _or_reason(element.stamp_from_domain, domain)
+
+
+def _value(xml: str) -> Read:
+    return _read(xml)[0]
 
 
 def _set_stamp(dom: libvirt.virDomain, value: PageFusion | None, flags: int) -> None:
@@ -66,8 +73,8 @@ def _set_stamp(dom: libvirt.virDomain, value: PageFusion | None, flags: int) -> 
     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key, STAMP_NAMESPACE, flags)
 
 
-def _drop_persistent_stamp(dom: libvirt.virDomain, inactive: str) -> None:
-    if _stamp(inactive) is not None:
+def _drop_persistent_stamp(dom: libvirt.virDomain, stamp: Read | None) -> None:
+    if stamp is not None:
         _set_stamp(dom, None, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         log.info("domain %r: removed a running stamp from its persistent definition", dom.name())
 
@@ -107,23 +114,22 @@ def _reconcile_running(dom: libvirt.virDomain) -> Outcome:
 
     if dom.isPersistent():
         inactive = dom.XMLDesc(INACTIVE_XML)
-        persistent = _value(inactive)
+        persistent, persistent_stamp = _read(inactive)
         if persistent != keep:
             refused = persistent
         xml, redefined = domainxml.with_page_fusion(inactive, keep, replace_invalid=True)
         if redefined:
             dom.connect().defineXML(xml)
-        _drop_persistent_stamp(dom, xml if redefined else inactive)
+        _drop_persistent_stamp(dom, persistent_stamp)
 
-    live_xml = dom.XMLDesc(0)
-    live = _value(live_xml)
+    live, stamp = _read(dom.XMLDesc(0))
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
     if live != keep:
         refused = refused or live
         dom.setMetadata(
             libvirt.VIR_DOMAIN_METADATA_ELEMENT, keep.to_metadata_xml(), PREFIX, NAMESPACE, flags
         )
-    if _stamp(live_xml) != keep:
+    if stamp != keep:
         _set_stamp(dom, keep, flags)
         log.debug("domain %r: stamped its live XML with page fusion %s", name, keep.describe())
 
@@ -142,7 +148,7 @@ def _reconcile_running(dom: libvirt.virDomain) -> Outcome:
 def _reconcile_shut_off(dom: libvirt.virDomain) -> Outcome:
     name = dom.name()
     inactive = dom.XMLDesc(INACTIVE_XML)
-    value = _value(inactive)
+    value, stamp = _read(inactive)
     if not isinstance(value, PageFusion):
         # Nothing sensible to write; the next start is refused with the reason.
         log.warning("domain %r: %s", name, value)
@@ -152,7 +158,7 @@ def _reconcile_shut_off(dom: libvirt.virDomain) -> Outcome:
     if changed:
         dom.connect().defineXML(xml)
         log.info("domain %r: merge setting aligned with page fusion %s", name, value.describe())
-    _drop_persistent_stamp(dom, xml)
+    _drop_persistent_stamp(dom, stamp)
     entry = ledger.load(dom.UUIDString())
     if entry.accepted != value:
         ledger.accept(dom.UUIDString(), name, value, confirmed=False)

@@ -244,13 +244,6 @@ def on_migrate(call: HookCall) -> str:
     # The source host runs no hook, but its daemon stamped the live XML, which
     # the migration carries, with the value the guest runs with.
     ran_with = element.stamp_from_domain(call.domain)
-    if ran_with is not None and call.page_fusion != ran_with:
-        raise RuleError(
-            f"domain {call.name!r} runs with page fusion {ran_with.describe()} on the"
-            f" source host, but the incoming XML says {call.page_fusion.describe()};"
-            " migrate it with the XML it runs with, and change page fusion while it is"
-            " shut off"
-        )
     if ran_with is None:
         # TODO(migration): a guest from a host whose daemon never stamped it
         # (pagefusion absent there, or its daemon down since the guest
@@ -260,6 +253,13 @@ def on_migrate(call: HookCall) -> str:
             " accepting page fusion %s",
             call.name,
             call.page_fusion.describe(),
+        )
+    elif call.page_fusion != ran_with:
+        raise RuleError(
+            f"domain {call.name!r} runs with page fusion {ran_with.describe()} on the"
+            f" source host, but the incoming XML says {call.page_fusion.describe()};"
+            " migrate it with the XML it runs with, and change page fusion while it is"
+            " shut off"
         )
     check_merge_setting(call)
     return ""

@@ -112,20 +112,13 @@ def _copy_skeleton(source: Path, target: Path, depth: int) -> None:
             _copy_skeleton(entry, made, depth - 1)
 
 
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def _port_answers(port: int) -> bool:
-    with socket.socket() as sock:
+def _answers(address: Path | int) -> bool:
+    """Whether something accepts connections on a Unix socket path or a loopback port."""
+    unix = isinstance(address, Path)
+    with socket.socket(socket.AF_UNIX if unix else socket.AF_INET) as sock:
         sock.settimeout(1.0)
         try:
-            sock.connect(("127.0.0.1", port))
+            sock.connect(str(address) if unix else ("127.0.0.1", address))
         except OSError:
             return False
     return True
@@ -213,10 +206,10 @@ class NamespaceHost:
         for entry in Path("/etc/libvirt").iterdir():
             if entry.is_file():
                 shutil.copy2(entry, etc / entry.name)
-        # Each host a UUID of its own: libvirt refuses to migrate a guest to a
-        # host whose UUID is its source's.
+        # A UUID of its own: libvirt refuses to migrate to a host with its source's.
+        host_uuid = uuid.uuid5(uuid.NAMESPACE_URL, str(self.root))
         with open(etc / "libvirtd.conf", "a") as conf:
-            conf.write(f'\nhost_uuid = "{uuid.uuid5(uuid.NAMESPACE_URL, str(self.root))}"\n')
+            conf.write(f'\nhost_uuid = "{host_uuid}"\n')
         for machine_path, depth in (("/var/lib/libvirt", 3), ("/var/log/libvirt", 1)):
             _copy_skeleton(Path(machine_path), self.private(machine_path), depth)
         (self.private("/run") / "sshd").mkdir(mode=0o755, exist_ok=True)
@@ -269,14 +262,14 @@ class NamespaceHost:
                 )
             )
         _wait_for(
-            lambda: self.pid_from("libvirtd.pid") and _socket_answers(self.libvirt_socket),
+            lambda: self.pid_from("libvirtd.pid") and _answers(self.libvirt_socket),
             f"fleet host {self.name}: libvirtd answering on {self.libvirt_socket}",
         )
 
     def start_sshd(self) -> None:
         self.run_inside(["/usr/sbin/sshd", "-f", str(self.root / "sshd_config")])
         _wait_for(
-            lambda: _port_answers(self.ssh_port),
+            lambda: _answers(self.ssh_port),
             f"fleet host {self.name}: sshd listening on 127.0.0.1:{self.ssh_port}",
         )
 
@@ -287,7 +280,7 @@ class NamespaceHost:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         _wait_for(
-            lambda: not _port_answers(self.ssh_port),
+            lambda: not _answers(self.ssh_port),
             f"fleet host {self.name}: sshd gone from 127.0.0.1:{self.ssh_port}",
             STOP_TIMEOUT_S,
         )
