@@ -106,7 +106,7 @@ def element_xml(domain_xml: str) -> str:
     This is what the diff shows: the element alone, before and after.
     """
     domain = element.parse_domain(domain_xml)
-    found = element.find_element(domain, name=element.domain_name(domain))
+    found = element.find_element(domain)
     if found is None:
         return ""
     return element.PageFusion.from_element(found).to_xml() + "\n"
