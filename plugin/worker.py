@@ -149,13 +149,18 @@ def count_zero_page_mappings(pid: int, regions) -> int:
     if not zeros.zero_pfn:
         return 0
     total = 0
-    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
-        for region in regions:
-            pagemap.seek(region.start // mmap.PAGESIZE * 8)
-            entries = array.array("Q", pagemap.read(region.pages * 8))
-            total += scanner.count_zero_mappings(
-                entries, zeros.zero_pfn, zeros.huge_zero_pfn, zeros.nr_huge_zero
-            )
+    path = f"/proc/{pid}/pagemap"
+    try:
+        with open(path, "rb", buffering=0) as pagemap:
+            for region in regions:
+                pagemap.seek(region.start // mmap.PAGESIZE * 8)
+                entries = array.array("Q", pagemap.read(region.pages * 8))
+                total += scanner.count_zero_mappings(
+                    entries, zeros.zero_pfn, zeros.huge_zero_pfn, zeros.nr_huge_zero
+                )
+    except (FileNotFoundError, ProcessLookupError):
+        # QEMU exited between the pass and this look: the worker's work is done.
+        raise DomainGoneError(f"process {pid} is gone: {path} could not be read") from None
     return total
 
 
@@ -345,12 +350,17 @@ def _lower_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
+def _stop_asked(*_) -> None:
+    log.info("asked to stop")
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pagefusion.worker UUID``: run the worker of one domain."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("PAGEFUSION_DEBUG") else logging.INFO,
-        format=f"pagefusion-worker[%(process)d] {args[0] if args else '?'}: %(message)s",
+        format=f"%(asctime)s pagefusion-worker[%(process)d] {args[0] if args else '?'}: %(message)s",
     )
     if len(args) != 1:
         print("usage: python -m pagefusion.worker UUID", file=sys.stderr)
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("domain %r: worker keeps its privileges: %s", record.name, err)
     worker = Worker(record, config.load())
     # SystemExit unwinds through the finally below, which removes what we published.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _stop_asked)
     try:
         pidfd = os.pidfd_open(record.qemu_pid)
     except ProcessLookupError:
