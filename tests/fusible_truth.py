@@ -15,13 +15,13 @@ import hashlib
 import os
 import time
 
-from pagefusion import scanner, worker
+from pagefusion import scanner, zeropages
 
 PAGE = 4096
 
 
 def _snapshot(pid: int) -> dict[int, bytes]:
-    zeros = worker.zero_pages()
+    zeros = zeropages.zero_pages()
     digests: dict[int, bytes] = {}
     memory = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
@@ -32,7 +32,7 @@ def _snapshot(pid: int) -> dict[int, bytes]:
                 "Q", os.pread(pagemap, region.pages * 8, region.start // PAGE * 8)
             )
             for i in range(region.pages):
-                if not entries[i] & worker.PAGEMAP_PRESENT or zeros.covers(entries[i]):
+                if not entries[i] & zeropages.PAGEMAP_PRESENT or zeros.covers(entries[i]):
                     continue
                 page = data[i * PAGE : (i + 1) * PAGE]
                 digests[region.start + i * PAGE] = hashlib.blake2b(page, digest_size=16).digest()

@@ -16,7 +16,7 @@ import sys
 import pytest
 from standin import StandIn
 
-from pagefusion import scanner, worker
+from pagefusion import scanner, zeropages
 from pagefusion.errors import DomainGoneError, PagefusionError
 
 PAGE = 4096
@@ -166,15 +166,15 @@ def test_process_exit_between_passes(child: Child) -> None:
 
 
 def test_process_exit_before_the_zero_page_count(child: Child) -> None:
-    if not worker.zero_pages().zero_pfn:
+    if not zeropages.zero_pages().zero_pfn:
         pytest.skip("the zero page's frame number is shown to root only")
     child.map(list(range(50, 60)))
     regions = scanner.guest_ram_regions(child.pid)
-    assert worker.count_zero_page_mappings(child.pid, regions) >= 0
+    assert zeropages.count_mappings(child.pid, regions) >= 0
     pid = child.pid
     child.stop()
     with pytest.raises(DomainGoneError, match=f"process {pid} is gone"):
-        worker.count_zero_page_mappings(pid, regions)
+        zeropages.count_mappings(pid, regions)
 
 
 @pytest.mark.parametrize("pid", [0, -4, True, "123", 1.5])
